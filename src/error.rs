@@ -1,0 +1,101 @@
+//! The errors of switcheroo: one variant per thing a caller can act on.
+
+use std::ops::RangeInclusive;
+
+/// What went wrong, and what to do about it. Every error from input validation is returned
+/// before anything touches the ruleset.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The namespace is not 1-64 characters of `[A-Za-z0-9_.-]`.
+    #[error("invalid namespace {namespace:?}: use 1 to 64 characters of A-Z, a-z, 0-9, '_', '.' and '-'")]
+    InvalidNamespace {
+        /// The namespace as given.
+        namespace: String,
+    },
+    /// The public port is 0.
+    #[error("invalid public port 0: give the port clients connect to (1-65535)")]
+    InvalidPort,
+    /// The internal port range is empty, reversed, or contains port 0.
+    #[error("invalid port range {start}-{end}: {why}")]
+    InvalidRange {
+        /// First port of the range as given.
+        start: u16,
+        /// Last port of the range as given.
+        end: u16,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The public port lies inside the internal range, so an instance could bind it.
+    #[error("public port {port} lies inside the internal port range {}-{}: choose a range that excludes it", .range.start(), .range.end())]
+    PortInRange {
+        /// The public port.
+        port: u16,
+        /// The internal range.
+        range: RangeInclusive<u16>,
+    },
+    /// No route was selected.
+    #[error("no routes selected: use Routes::NETWORK, Routes::LOCALHOST or both")]
+    NoRoutes,
+    /// Every port of the range is bound by some socket or used by a rule of this namespace.
+    #[error("no free port in {}-{}: every port is bound or used by a rule of namespace {namespace:?}; widen the range or stop stale instances", .range.start(), .range.end())]
+    PortRangeExhausted {
+        /// The internal range.
+        range: RangeInclusive<u16>,
+        /// The namespace.
+        namespace: String,
+    },
+    /// Creating or binding the listener failed for a reason other than a busy port.
+    #[error("binding the internal listener on port {port}: {source}")]
+    Bind {
+        /// The port tried.
+        port: u16,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// Netlink refused for lack of privilege: the process needs CAP_NET_ADMIN in its network
+    /// namespace.
+    #[error(transparent)]
+    PermissionDenied(switcheroo_sys::Error),
+    /// The kernel lacks nf_tables, nat chains or the xtables compat layer.
+    #[error(transparent)]
+    Unsupported(switcheroo_sys::Error),
+    /// The chains kept changing under the transaction until the retry budget ran out.
+    /// Nothing was applied: the ruleset is as it was before the call.
+    #[error("gave up after {attempts} attempts because the ruleset kept changing (last: {source}); nothing was applied, try again")]
+    Conflict {
+        /// How many transactions were tried.
+        attempts: u32,
+        /// The last conflict.
+        source: switcheroo_sys::Error,
+    },
+    /// Any other netlink failure.
+    #[error(transparent)]
+    Netlink(switcheroo_sys::Error),
+    /// Setting up signal handling failed.
+    #[error("{op}: {errno}")]
+    Signal {
+        /// What was being done.
+        op: &'static str,
+        /// The system error.
+        errno: nix::errno::Errno,
+    },
+}
+
+impl From<switcheroo_sys::Error> for Error {
+    fn from(e: switcheroo_sys::Error) -> Self {
+        use switcheroo_sys::Error as Sys;
+        match e {
+            Sys::PermissionDenied { .. } => Error::PermissionDenied(e),
+            Sys::Unsupported { .. } => Error::Unsupported(e),
+            Sys::Conflict { .. } => Error::Conflict {
+                attempts: 1,
+                source: e,
+            },
+            e => Error::Netlink(e),
+        }
+    }
+}
+
+/// `Result` with switcheroo's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,129 @@
+//! The process behind a rule: is it alive, is it still the process that wrote the rule, and
+//! terminating it only then.
+
+use crate::comment::Identity;
+use nix::errno::Errno;
+use switcheroo_sys::PidFd;
+
+/// The start time of `pid`: field 22 of `/proc/<pid>/stat`, in clock ticks since boot.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. Field 2, the command in parentheses, may contain
+/// spaces and parentheses itself, so the count starts after its last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Fields 3.. follow; field 22 is the 20th of them.
+    after_comm.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process, as its rules name it.
+pub(crate) fn this_process() -> (u32, Option<u64>) {
+    let pid = std::process::id();
+    (pid, start_time(pid))
+}
+
+/// Whether the process named by a rule is running: same pid and, when the rule records
+/// one, same start time. Rules without a start time (the Go original's) count as alive when
+/// the pid exists.
+pub(crate) fn is_alive(id: &Identity) -> bool {
+    match (start_time(id.pid), id.start) {
+        (Some(now), Some(then)) => now == then,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// What happened when the owner of a removed rule was to be terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Termination {
+    /// SIGTERM was delivered to the process that wrote the rule.
+    Signalled,
+    /// The process had already exited.
+    Gone,
+    /// The pid now belongs to another process, which was left alone.
+    Reused,
+    /// The rule records no start time (the Go original's format): not signalled.
+    Unverifiable,
+    /// The rule names the calling process itself: never signalled.
+    Myself,
+    /// Signalling failed (e.g. EPERM without CAP_KILL for another user's process).
+    Failed(Errno),
+}
+
+/// Sends SIGTERM to the process that wrote a rule, after checking it is that process.
+///
+/// With a pidfd (Linux 5.3+) the check and the signal refer to the same process: the pidfd
+/// is opened first, then the start time of the pid is compared; if the pid was reused in
+/// between, the start time differs, and if the process exits after the check, the signal
+/// fails with ESRCH instead of reaching a newcomer. Without pidfds the same check is done
+/// with `kill(2)`, which leaves a window of microseconds in which the pid could be reused.
+pub(crate) fn terminate(id: &Identity) -> Termination {
+    if id.pid == std::process::id() {
+        return Termination::Myself;
+    }
+    let Some(expected) = id.start else {
+        return Termination::Unverifiable;
+    };
+    let pidfd = match PidFd::open(id.pid) {
+        Ok(fd) => Some(fd),
+        Err(Errno::ESRCH) => return Termination::Gone,
+        Err(Errno::ENOSYS) => None,
+        Err(e) => return Termination::Failed(e),
+    };
+    match start_time(id.pid) {
+        None => return Termination::Gone,
+        Some(now) if now != expected => return Termination::Reused,
+        Some(_) => {}
+    }
+    let sent = match &pidfd {
+        Some(fd) => fd.send_signal(libc_sigterm()),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(id.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        ),
+    };
+    match sent {
+        Ok(()) => Termination::Signalled,
+        Err(Errno::ESRCH) => Termination::Gone,
+        Err(e) => Termination::Failed(e),
+    }
+}
+
+fn libc_sigterm() -> i32 {
+    nix::sys::signal::Signal::SIGTERM as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let mut fields: Vec<String> = (3..=52).map(|i| i.to_string()).collect();
+        fields[19] = "98765".into(); // field 22
+        let stat = format!("1234 (a) b (c) {}", fields.join(" "));
+        assert_eq!(parse_start_time(&stat), Some(98765));
+    }
+
+    #[test]
+    fn this_process_has_a_start_time_and_is_alive() {
+        let (pid, start) = this_process();
+        assert!(start.is_some());
+        let id = Identity {
+            namespace: "t".into(),
+            port: 1,
+            pid,
+            start,
+        };
+        assert!(is_alive(&id));
+        assert_eq!(terminate(&id), Termination::Myself);
+        let older = Identity {
+            start: start.map(|s| s + 1),
+            ..id
+        };
+        assert!(!is_alive(&older));
+    }
+}

@@ -1,0 +1,110 @@
+//! Choosing and binding the internal port.
+
+use crate::{Error, Result};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+};
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener};
+use std::ops::RangeInclusive;
+
+/// Binds a listener on a free port of `range`, starting at a random offset so that
+/// instances started together spread out, and skipping `taken` (ports that rules of this
+/// namespace still point at: an instance that just crashed may hold no socket, but its rule
+/// still routes to that port).
+///
+/// The listener is dual-stack (`[::]` with `IPV6_V6ONLY` off), so a port is only taken if
+/// it is free for IPv4 and IPv6 alike; on a host with IPv6 disabled it is IPv4 only.
+pub(crate) fn bind_free(
+    range: &RangeInclusive<u16>,
+    taken: &HashSet<u16>,
+    namespace: &str,
+) -> Result<TcpListener> {
+    let (start, end) = (*range.start() as u32, *range.end() as u32);
+    let len = end - start + 1;
+    let offset = rand::random_range(0..len);
+    for i in 0..len {
+        let port = (start + (offset + i) % len) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        match bind(port) {
+            Ok(listener) => return Ok(listener),
+            Err(Errno::EADDRINUSE) => continue,
+            Err(e) => {
+                return Err(Error::Bind {
+                    port,
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    Err(Error::PortRangeExhausted {
+        range: range.clone(),
+        namespace: namespace.to_owned(),
+    })
+}
+
+fn bind(port: u16) -> Result<TcpListener, Errno> {
+    match bind_dual_stack(port) {
+        // No IPv6 on this host (disabled by sysctl or boot option): IPv4 only.
+        Err(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL) => bind_ipv4(port),
+        other => other,
+    }
+}
+
+fn bind_dual_stack(port: u16) -> Result<TcpListener, Errno> {
+    let fd = socket::socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    socket::listen(&fd, Backlog::MAXCONN)?;
+    Ok(TcpListener::from(fd))
+}
+
+fn bind_ipv4(port: u16) -> Result<TcpListener, Errno> {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    socket::listen(&fd, Backlog::MAXCONN)?;
+    Ok(TcpListener::from(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_bound_for_ipv4_only_is_not_free() {
+        // Something holds 127.0.0.1:p; the dual-stack bind of p must fail, so p is skipped.
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = v4.local_addr().unwrap().port();
+        assert_eq!(bind(p).err(), Some(Errno::EADDRINUSE));
+    }
+
+    #[test]
+    fn skips_taken_ports_and_reports_exhaustion() {
+        let held = std::net::TcpListener::bind("[::]:0").unwrap();
+        let p = held.local_addr().unwrap().port();
+        let err = bind_free(&(p..=p), &HashSet::new(), "t").unwrap_err();
+        assert!(matches!(err, Error::PortRangeExhausted { .. }), "{err}");
+        drop(held);
+        let err = bind_free(&(p..=p), &HashSet::from([p]), "t").unwrap_err();
+        assert!(matches!(err, Error::PortRangeExhausted { .. }), "{err}");
+        let l = bind_free(&(p..=p), &HashSet::new(), "t").unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), p);
+    }
+}

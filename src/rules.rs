@@ -1,0 +1,157 @@
+//! This namespace's rules as the kernel holds them, and the retried transaction over them.
+
+use crate::comment::Identity;
+use crate::{owner, Error, Result};
+use log::{debug, warn};
+use std::time::Duration;
+use switcheroo_sys::{Applied, Batch, Chain, Conn, Family, Handle, Op};
+
+/// One switcheroo rule of a namespace, as found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The namespace from the rule's comment.
+    pub namespace: String,
+    /// `ip` (IPv4) or `ip6` (IPv6) nat table.
+    pub family: Family,
+    /// `PREROUTING` (from the network) or `OUTPUT` (from this host).
+    pub chain: Chain,
+    /// The kernel's handle of the rule.
+    pub handle: Handle,
+    /// The matched destination port (`--dport`).
+    pub public_port: u16,
+    /// The port connections are redirected to (`--to-ports`).
+    pub internal_port: u16,
+    /// The pid of the process that committed the rule.
+    pub pid: Option<u32>,
+    /// That process's start time (field 22 of `/proc/<pid>/stat`), absent in rules written
+    /// by the Go original.
+    pub start: Option<u64>,
+    /// Whether that process is still running (same pid and, when recorded, same start time).
+    pub alive: bool,
+}
+
+impl Rule {
+    pub(crate) fn identity(&self) -> Option<Identity> {
+        Some(Identity {
+            namespace: self.namespace.clone(),
+            port: self.internal_port,
+            pid: self.pid?,
+            start: self.start,
+        })
+    }
+}
+
+/// What a transaction is computed from: the generation it was read at, this namespace's
+/// rules, and the chains that do not exist yet.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub generation: u32,
+    pub ours: Vec<Rule>,
+    pub missing: Vec<(Family, Chain)>,
+}
+
+/// Reads the generation, then dumps every (family, chain) (four dumps, each filtered to its
+/// chain in the kernel). Chains in `wanted` that dump empty are looked up to learn whether
+/// they exist.
+pub(crate) fn snapshot(
+    conn: &mut Conn,
+    namespace: &str,
+    wanted: impl Fn(Chain) -> bool,
+) -> Result<Snapshot> {
+    let generation = conn.generation()?;
+    let mut snap = Snapshot {
+        generation,
+        ..Snapshot::default()
+    };
+    for family in Family::ALL {
+        for chain in Chain::ALL {
+            let entries = conn.list_rules(family, chain)?;
+            if entries.is_empty() && wanted(chain) && !conn.chain_exists(family, chain)? {
+                snap.missing.push((family, chain));
+            }
+            for entry in entries {
+                let Some(redirect) = entry.redirect else {
+                    continue;
+                };
+                let Some(id) = Identity::parse(&redirect.comment) else {
+                    continue;
+                };
+                if id.namespace != namespace {
+                    continue;
+                }
+                snap.ours.push(Rule {
+                    alive: owner::is_alive(&id),
+                    namespace: id.namespace,
+                    family,
+                    chain,
+                    handle: entry.handle,
+                    public_port: redirect.public_port,
+                    internal_port: redirect.to_port,
+                    pid: Some(id.pid),
+                    start: id.start,
+                });
+            }
+        }
+    }
+    Ok(snap)
+}
+
+/// How many times a transaction is tried when the ruleset changes under it. Each try is a
+/// fresh dump and one batch, well under a millisecond, so even a tight loop of foreign
+/// writers leaves gaps to get through.
+pub(crate) const MAX_ATTEMPTS: u32 = 32;
+
+/// Builds a batch from a fresh snapshot and applies it; on a conflict (the generation moved,
+/// or a handle vanished) nothing was applied, so it re-reads and tries again after a short
+/// random pause, up to [`MAX_ATTEMPTS`] times.
+pub(crate) fn transact(
+    conn: &mut Conn,
+    namespace: &str,
+    wanted: impl Fn(Chain) -> bool,
+    mut build: impl FnMut(&Snapshot, &mut Batch) -> Result<()>,
+) -> Result<(Snapshot, Applied, u32)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let snap = snapshot(conn, namespace, &wanted)?;
+        let mut batch = Batch::new(Some(snap.generation));
+        build(&snap, &mut batch)?;
+        if batch.ops().is_empty() {
+            return Ok((snap, Applied::default(), attempt));
+        }
+        debug!(
+            "namespace {namespace}: batch at generation {} (attempt {attempt}): {}",
+            snap.generation,
+            describe(batch.ops())
+        );
+        match conn.apply(&batch) {
+            Ok(applied) => return Ok((snap, applied, attempt)),
+            Err(e) if e.is_conflict() && attempt < MAX_ATTEMPTS => {
+                if attempt == MAX_ATTEMPTS / 2 {
+                    warn!("namespace {namespace}: {attempt} conflicting transactions in a row; the chains are changing fast ({e})");
+                } else {
+                    debug!("namespace {namespace}: conflict, retrying: {e}");
+                }
+                std::thread::sleep(backoff(attempt));
+            }
+            Err(e) if e.is_conflict() => {
+                return Err(Error::Conflict {
+                    attempts: attempt,
+                    source: e,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A random pause that grows with the attempt number (up to 1 ms, then up to 20 ms), so
+/// that racing deployers fall out of step.
+fn backoff(attempt: u32) -> Duration {
+    let cap_us = (50u64 << attempt.min(10)).min(20_000);
+    Duration::from_micros(rand::random_range(0..=cap_us))
+}
+
+fn describe(ops: &[Op]) -> String {
+    ops.iter().map(Op::to_string).collect::<Vec<_>>().join("; ")
+}

@@ -1,0 +1,357 @@
+//! The netfilter netlink socket: requests, dumps and batches, each answered in full before
+//! the next one is sent.
+
+use crate::attr::{self, nla, Message};
+use crate::error::Context;
+use crate::nftnl::{AlignedBuf, ChainObj};
+use crate::rule::{cstring, rule_in};
+use crate::{parse_rule_message, Batch, Chain, Error, Family, Op, RuleEntry, TABLE};
+use nftnl::nftnl_sys as sys;
+use nix::errno::Errno;
+use std::time::Duration;
+
+/// A dump is delivered in skbs of up to 32 KiB (the kernel caps its allocation there), so
+/// 64 KiB always holds one whole.
+const RECV_BUF: usize = 64 * 1024;
+/// How long to wait for the kernel before calling a request failed. It always answers in
+/// microseconds; this only turns a lost reply into an error instead of a hang.
+const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+
+const NFT: u16 = (libc::NFNL_SUBSYS_NFTABLES as u16) << 8;
+const MSG_NEWRULE: u16 = NFT | libc::NFT_MSG_NEWRULE as u16;
+const MSG_NEWGEN: u16 = NFT | libc::NFT_MSG_NEWGEN as u16;
+const F_ACK: u16 = libc::NLM_F_ACK as u16;
+const F_DUMP: u16 = libc::NLM_F_DUMP as u16;
+const F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
+
+/// A netlink socket to nf_tables (`NETLINK_NETFILTER`), in the network namespace of the
+/// thread that opened it. Reusing one `Conn` for a dump and the batch that follows saves a
+/// socket per step; it is not meant to be shared between threads.
+pub struct Conn {
+    sock: mnl::Socket,
+    seq: u32,
+    rx: AlignedBuf,
+    tx: AlignedBuf,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("portid", &self.sock.portid())
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+/// The outcome of a batch the kernel applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The inserted rules as the kernel echoed them (with their handles), in the order of
+    /// the batch's inserts.
+    pub inserted: Vec<RuleEntry>,
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Conn {
+    /// Opens and binds a `NETLINK_NETFILTER` socket (`socket(2)`, `bind(2)`).
+    pub fn open() -> Result<Self, Error> {
+        let op = || "opening a netfilter netlink socket".to_string();
+        let sock = mnl::Socket::new(mnl::Bus::Netfilter)
+            .map_err(|e| Error::from_errno(op(), io_errno(&e), Context::Nftables))?;
+        crate::pidfd::set_recv_timeout(&sock, RECV_TIMEOUT)
+            .map_err(|errno| Error::from_errno(op(), errno, Context::Nftables))?;
+        Ok(Conn {
+            sock,
+            // Any start works; a time-based one keeps replies to an earlier socket with the
+            // same port id from being mistaken for ours.
+            seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(1),
+            rx: AlignedBuf::zeroed(RECV_BUF),
+            tx: AlignedBuf::default(),
+        })
+    }
+
+    fn next_seq(&mut self, count: u32) -> u32 {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(count);
+        seq
+    }
+
+    fn send(&mut self, op: &dyn Fn() -> String, context: Context) -> Result<(), Error> {
+        let bytes = self.tx.as_bytes();
+        match self.sock.send(bytes) {
+            Ok(n) if n == bytes.len() => Ok(()),
+            Ok(n) => Err(Error::Protocol {
+                op: op(),
+                why: format!("sent {n} of {} bytes", bytes.len()),
+            }),
+            Err(e) => Err(Error::from_errno(op(), io_errno(&e), context)),
+        }
+    }
+
+    /// Receives replies and hands each message to `on_msg` until it returns `Some`.
+    fn recv_until<T>(
+        &mut self,
+        op: &dyn Fn() -> String,
+        context: Context,
+        mut on_msg: impl FnMut(Message<'_>) -> Option<Result<T, Error>>,
+    ) -> Result<T, Error> {
+        loop {
+            let n = self
+                .sock
+                .recv_raw(self.rx.as_bytes_mut())
+                .map_err(|e| Error::from_errno(op(), io_errno(&e), context))?;
+            for msg in attr::messages(&self.rx.as_bytes()[..n]) {
+                if let Some(done) = on_msg(msg) {
+                    return done;
+                }
+            }
+        }
+    }
+
+    /// Sends one request and waits for its ack (or error), passing other replies to
+    /// `on_reply`.
+    fn request(
+        &mut self,
+        op: &dyn Fn() -> String,
+        context: Context,
+        build: impl FnOnce(u32, &mut AlignedBuf),
+        mut on_reply: impl FnMut(Message<'_>),
+    ) -> Result<(), Error> {
+        let seq = self.next_seq(1);
+        self.tx.clear();
+        build(seq, &mut self.tx);
+        self.send(op, context)?;
+        self.recv_until(op, context, |msg| {
+            if msg.seq != seq {
+                return None;
+            }
+            match msg.kind as i32 {
+                libc::NLMSG_ERROR => Some(match ack_errno(msg.payload) {
+                    Some(0) => Ok(()),
+                    Some(e) => Err(Error::from_errno(op(), Errno::from_raw(e), context)),
+                    None => Err(short_ack(op)),
+                }),
+                _ => {
+                    on_reply(msg);
+                    None
+                }
+            }
+        })
+    }
+
+    /// The current ruleset generation (`NFT_MSG_GETGEN`). A batch bound to it with
+    /// [`Batch::new`] is refused if anything changed the ruleset since.
+    pub fn generation(&mut self) -> Result<u32, Error> {
+        let op = || "reading the nf_tables ruleset generation".to_string();
+        let mut genid = None;
+        self.request(
+            &op,
+            Context::Nftables,
+            |seq, buf| {
+                buf.put(
+                    libc::NFT_MSG_GETGEN as u16,
+                    libc::AF_UNSPEC as u8,
+                    F_ACK,
+                    seq,
+                    None,
+                )
+            },
+            |msg| {
+                if msg.kind == MSG_NEWGEN {
+                    genid = attr::nfgen_attrs(msg.payload)
+                        .get(nla::GEN_ID)
+                        .and_then(attr::be_u32);
+                }
+            },
+        )?;
+        genid.ok_or_else(|| Error::Protocol {
+            op: op(),
+            why: "no NFTA_GEN_ID in the reply".into(),
+        })
+    }
+
+    /// Dumps the rules of `family`'s nat `chain`, filtered by table and chain in the kernel
+    /// (`NFT_MSG_GETRULE` with `NLM_F_DUMP`), in chain order. A missing table or chain
+    /// dumps as no rules; see [`Conn::chain_exists`].
+    ///
+    /// A dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) fails with
+    /// [`Error::Conflict`].
+    pub fn list_rules(&mut self, family: Family, chain: Chain) -> Result<Vec<RuleEntry>, Error> {
+        let op = || format!("dumping rules of {family} {TABLE} {chain}");
+        let seq = self.next_seq(1);
+        self.tx.clear();
+        let filter = rule_in(chain);
+        self.tx.put(
+            libc::NFT_MSG_GETRULE as u16,
+            family.nfproto(),
+            F_DUMP,
+            seq,
+            Some(&filter),
+        );
+        self.send(&op, Context::Read)?;
+        let mut rules = Vec::new();
+        let mut interrupted = false;
+        self.recv_until(&op, Context::Read, |msg| {
+            if msg.seq != seq {
+                return None;
+            }
+            interrupted |= msg.flags & F_DUMP_INTR != 0;
+            match msg.kind as i32 {
+                libc::NLMSG_DONE if interrupted => Some(Err(Error::Conflict {
+                    op: op(),
+                    errno: Errno::EINTR,
+                })),
+                libc::NLMSG_DONE => Some(Ok(())),
+                libc::NLMSG_ERROR => Some(match ack_errno(msg.payload) {
+                    Some(0) => Ok(()),
+                    Some(e) => Err(Error::from_errno(op(), Errno::from_raw(e), Context::Read)),
+                    None => Err(short_ack(&op)),
+                }),
+                _ => {
+                    if msg.kind == MSG_NEWRULE {
+                        // Filtered in the kernel; the check keeps a surprise out anyway.
+                        if let Some(rule) = parse_rule_message(msg.payload)
+                            .filter(|r| r.family == family && r.chain == chain.name())
+                        {
+                            rules.push(rule);
+                        }
+                    }
+                    None
+                }
+            }
+        })?;
+        Ok(rules)
+    }
+
+    /// Whether `family`'s nat `chain` exists (`NFT_MSG_GETCHAIN`; ENOENT means no).
+    pub fn chain_exists(&mut self, family: Family, chain: Chain) -> Result<bool, Error> {
+        let op = || format!("looking up chain {family} {TABLE} {chain}");
+        let result = self.request(
+            &op,
+            Context::Read,
+            |seq, buf| {
+                let mut c = ChainObj::new();
+                c.set_str(sys::NFTNL_CHAIN_TABLE as u16, &cstring(TABLE));
+                c.set_str(sys::NFTNL_CHAIN_NAME as u16, &cstring(chain.name()));
+                buf.put(
+                    libc::NFT_MSG_GETCHAIN as u16,
+                    family.nfproto(),
+                    F_ACK,
+                    seq,
+                    Some(&c),
+                );
+            },
+            |_| {},
+        );
+        match result {
+            Ok(()) => Ok(true),
+            Err(Error::Kernel {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `batch` as one transaction and waits for the kernel's verdict on every message.
+    ///
+    /// Either every operation was applied, and the inserted rules are returned as the kernel
+    /// echoed them, or none was, and the error names the first operation the kernel refused:
+    /// [`Error::Conflict`] if the generation moved or a handle to delete is gone (retry from a
+    /// fresh dump), [`Error::PermissionDenied`] without CAP_NET_ADMIN, [`Error::Unsupported`]
+    /// if the kernel lacks nat chains or the xtables compat layer.
+    pub fn apply(&mut self, batch: &Batch) -> Result<Applied, Error> {
+        let ops = batch.ops();
+        let count = ops.len() as u32;
+        let begin = self.next_seq(count + 2);
+        batch.encode(begin, &mut self.tx);
+        let op = || {
+            let list: Vec<String> = ops.iter().map(Op::to_string).collect();
+            format!("applying batch [{}]", list.join("; "))
+        };
+        self.send(&op, Context::Batch)?;
+
+        let index = |seq: u32| {
+            let i = seq.wrapping_sub(begin).wrapping_sub(1);
+            (i < count).then_some(i as usize)
+        };
+        let mut acked = vec![false; ops.len()];
+        let mut remaining = ops.len();
+        let mut failure: Option<(usize, i32)> = None;
+        let mut echoed: Vec<Option<RuleEntry>> = vec![None; ops.len()];
+        self.recv_until(&op, Context::Batch, |msg| {
+            if msg.kind as i32 == libc::NLMSG_ERROR {
+                let errno = match ack_errno(msg.payload) {
+                    Some(e) => e,
+                    None => return Some(Err(short_ack(&op))),
+                };
+                if msg.seq == begin {
+                    // Refused as a whole before any operation ran (generation, privilege).
+                    let e = if errno == 0 { libc::EPROTO } else { errno };
+                    return Some(Err(Error::from_errno(
+                        op(),
+                        Errno::from_raw(e),
+                        Context::Batch,
+                    )));
+                }
+                let i = index(msg.seq)?;
+                if !std::mem::replace(&mut acked[i], true) {
+                    remaining -= 1;
+                }
+                if errno != 0 && failure.is_none_or(|(j, _)| i < j) {
+                    failure = Some((i, errno));
+                }
+                (remaining == 0).then_some(Ok(()))
+            } else {
+                if msg.kind == MSG_NEWRULE {
+                    if let Some(i) = index(msg.seq) {
+                        echoed[i] = parse_rule_message(msg.payload);
+                    }
+                }
+                None
+            }
+        })?;
+        if let Some((i, errno)) = failure {
+            let op = format!("{} (in a batch of {count}; nothing was applied)", ops[i]);
+            return Err(Error::from_errno(
+                op,
+                Errno::from_raw(errno),
+                ops[i].context(),
+            ));
+        }
+        let mut inserted = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Insert(family, chain, redirect) = op {
+                match echoed[i].take() {
+                    Some(rule) if rule.redirect.as_ref() == Some(redirect) => inserted.push(rule),
+                    other => return Err(Error::Protocol {
+                        op: format!("{op} (applied)"),
+                        why: format!(
+                            "the kernel's echo of the new rule in {family} {chain} was {other:?}"
+                        ),
+                    }),
+                }
+            }
+        }
+        Ok(Applied { inserted })
+    }
+}
+
+/// The errno of an `NLMSG_ERROR` payload (`struct nlmsgerr`), positive; 0 is an ack.
+fn ack_errno(payload: &[u8]) -> Option<i32> {
+    let error = i32::from_ne_bytes(payload.get(0..4)?.try_into().ok()?);
+    Some(error.checked_neg().unwrap_or(libc::EPROTO))
+}
+
+fn short_ack(op: &dyn Fn() -> String) -> Error {
+    Error::Protocol {
+        op: op(),
+        why: "truncated NLMSG_ERROR".into(),
+    }
+}

@@ -1,0 +1,102 @@
+//! The tables and base chains that iptables-nft uses for NAT, and rule handles.
+
+use std::fmt;
+
+/// The table iptables-nft keeps its NAT rules in, for both families.
+pub const TABLE: &str = "nat";
+
+/// An address family with its own `nat` table (`ip nat`, `ip6 nat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4: the `ip` family (`NFPROTO_IPV4`), what `iptables-nft` edits.
+    Ipv4,
+    /// IPv6: the `ip6` family (`NFPROTO_IPV6`), what `ip6tables-nft` edits.
+    Ipv6,
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    /// The netfilter protocol family number carried in `nfgenmsg.nfgen_family`.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            Family::Ipv4 => libc::NFPROTO_IPV4 as u8,
+            Family::Ipv6 => libc::NFPROTO_IPV6 as u8,
+        }
+    }
+
+    /// The nft name of the family: `ip` or `ip6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ip",
+            Family::Ipv6 => "ip6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A base chain of the `nat` table that switcheroo inserts its redirect into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Chain {
+    /// `PREROUTING`, hook prerouting: connections that arrive from the network.
+    Prerouting,
+    /// `OUTPUT`, hook output: connections the host makes to itself.
+    Output,
+}
+
+impl Chain {
+    /// Both chains, PREROUTING first.
+    pub const ALL: [Chain; 2] = [Chain::Prerouting, Chain::Output];
+
+    /// The chain name iptables-nft uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Chain::Prerouting => "PREROUTING",
+            Chain::Output => "OUTPUT",
+        }
+    }
+
+    /// The netfilter hook number the base chain is attached to.
+    pub(crate) fn hooknum(self) -> u32 {
+        match self {
+            Chain::Prerouting => libc::NF_INET_PRE_ROUTING as u32,
+            Chain::Output => libc::NF_INET_LOCAL_OUT as u32,
+        }
+    }
+
+    /// The priority iptables-nft gives both NAT base chains (`NF_IP_PRI_NAT_DST`).
+    pub(crate) fn priority(self) -> i32 {
+        -100
+    }
+}
+
+impl fmt::Display for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The handle the kernel gave a rule: stable for the rule's lifetime, unique in its table,
+/// never reused while the table exists. Handles come only from the kernel (a dump or the echo
+/// of an insert); this type cannot be made up from outside this crate except by parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Handle(pub(crate) u64);
+
+impl Handle {
+    /// The raw handle number, as `nft -a` and `iptables-nft -L --line-numbers` show it.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
