@@ -192,7 +192,7 @@ mod tests {
             Error::InvalidPort
         ));
         assert!(matches!(
-            err(Switcheroo::builder("a", 80).port_range(50..=40)),
+            err(Switcheroo::builder("a", 80).port_range(RangeInclusive::new(50, 40))),
             Error::InvalidRange { .. }
         ));
         assert!(matches!(
