@@ -10,12 +10,18 @@ use std::fmt;
 
 const PREFIX: &str = "SWITCHEROO";
 
-/// Who owns a rule: the namespace, the internal port, and the process that committed it.
+/// Who owns a rule, as its comment says: the namespace, the internal port, and the process
+/// that committed it. `Display` writes the comment; [`Identity::parse`] reads one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Identity {
+pub struct Identity {
+    /// The namespace: 1-64 characters of `[A-Za-z0-9_.-]`.
     pub namespace: String,
+    /// The internal port the rule redirects to.
     pub port: u16,
+    /// The pid of the process that committed the rule.
     pub pid: u32,
+    /// The start time of that process (field 22 of `/proc/<pid>/stat`); `None` in comments
+    /// of the Go original.
     pub start: Option<u64>,
 }
 
@@ -29,7 +35,8 @@ pub(crate) fn valid_namespace(ns: &str) -> bool {
 }
 
 impl Identity {
-    /// Parses a comment; `None` if it is not exactly one of the two formats.
+    /// Parses a rule comment; `None` if it is not exactly one of the two formats (such a
+    /// rule belongs to somebody else). Never panics, whatever the input.
     pub fn parse(comment: &str) -> Option<Identity> {
         let mut fields = comment.split(':');
         if fields.next()? != PREFIX {
@@ -54,9 +61,11 @@ impl Identity {
     }
 }
 
-/// A decimal number without sign, leading `+` or surrounding space.
+/// A decimal number in canonical form: digits only, no sign, no leading zero, so that a
+/// comment has exactly one spelling.
 fn number<T: std::str::FromStr>(s: &str) -> Option<T> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
         return None;
     }
     s.parse().ok()
@@ -79,6 +88,32 @@ impl fmt::Display for Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_string_parses_or_not_without_panicking(s in ".{0,300}") {
+            let _ = Identity::parse(&s);
+        }
+
+        #[test]
+        fn near_misses_never_panic(s in "SWITCHEROO(:[a-z]{0,5}=?[0-9a-zA-Z_.:+-]{0,30}){0,6}") {
+            if let Some(id) = Identity::parse(&s) {
+                prop_assert_eq!(id.to_string(), s);
+            }
+        }
+
+        #[test]
+        fn identities_round_trip(
+            ns in "[A-Za-z0-9_.-]{1,64}",
+            port in 1u16..,
+            pid in 1u32..,
+            start in proptest::option::of(any::<u64>()),
+        ) {
+            let id = Identity { namespace: ns, port, pid, start };
+            prop_assert_eq!(Identity::parse(&id.to_string()), Some(id));
+        }
+    }
 
     #[test]
     fn comment_round_trips() {
@@ -112,6 +147,7 @@ mod tests {
             "SWITCHEROO:ns=a:port=0:pid=1",
             "SWITCHEROO:ns=a:port=70000:pid=1",
             "SWITCHEROO:ns=a:port=1:pid=+1",
+            "SWITCHEROO:ns=a:port=01:pid=1",
             "SWITCHEROO:ns=a:port=1:pid=1:start=",
             "SWITCHEROO:ns=a:port=1:pid=1:start=1:x",
             "SWITCHEROO:ns=a b:port=1:pid=1",

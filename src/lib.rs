@@ -63,6 +63,7 @@ mod shutdown;
 mod switcheroo;
 mod takeover;
 
+pub use comment::Identity;
 pub use drain::{Drain, DrainReport, DrainTracker};
 pub use error::{Error, Result};
 pub use routes::Routes;

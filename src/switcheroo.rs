@@ -9,19 +9,24 @@ use log::info;
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
 use switcheroo_sys::{Conn, Op};
 
 /// The default internal port range.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
 
 /// A service that is reached on a public port and served by whichever instance committed
-/// last. Cheap to clone; holds no socket.
+/// last. Cheap to clone; clones share one netfilter netlink socket, opened on first use in
+/// the network namespace of the thread that uses it first, and kept open: closing it right
+/// after a commit would wait for the kernel to destroy the deleted rules (an RCU grace
+/// period, 15-30 ms).
 #[derive(Debug, Clone)]
 pub struct Switcheroo {
     namespace: String,
     public_port: u16,
     routes: Routes,
     range: RangeInclusive<u16>,
+    conn: Arc<Mutex<Option<Conn>>>,
 }
 
 /// Configures a [`Switcheroo`]; see [`Switcheroo::builder`].
@@ -94,6 +99,7 @@ impl Switcheroo {
                 public_port,
                 routes: Routes::default(),
                 range: DEFAULT_PORT_RANGE,
+                conn: Arc::default(),
             },
         }
     }
@@ -127,8 +133,7 @@ impl Switcheroo {
     /// host has IPv6 disabled. Ports that rules of this namespace still route to are
     /// skipped. Reads the ruleset, so it needs CAP_NET_ADMIN.
     pub fn begin(&self) -> Result<(TcpListener, Takeover)> {
-        let mut conn = Conn::open()?;
-        let snap = rules::snapshot(&mut conn, &self.namespace, |_| false)?;
+        let snap = self.with_conn(|conn| rules::snapshot(conn, &self.namespace, |_| false))?;
         let taken: HashSet<u16> = snap.ours.iter().map(|r| r.internal_port).collect();
         let listener = port::bind_free(&self.range, &taken, &self.namespace)?;
         let port = listener
@@ -142,8 +147,9 @@ impl Switcheroo {
     /// This namespace's rules, in every (family, chain), with whether their owner is alive.
     /// Four filtered dumps; needs CAP_NET_ADMIN.
     pub fn rules(&self) -> Result<Vec<Rule>> {
-        let mut conn = Conn::open()?;
-        Ok(rules::snapshot(&mut conn, &self.namespace, |_| false)?.ours)
+        Ok(self
+            .with_conn(|conn| rules::snapshot(conn, &self.namespace, |_| false))?
+            .ours)
     }
 
     /// Deletes every rule of this namespace, by handle, in one transaction, and returns how
@@ -170,6 +176,25 @@ impl Switcheroo {
             );
         }
         Ok(snap.ours.len())
+    }
+}
+
+impl Switcheroo {
+    /// Runs `f` on the shared socket, opening it if needed. After a failure the socket is
+    /// dropped, so the next call starts from a fresh one.
+    pub(crate) fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        // A panic while holding the lock leaves at worst a socket with unread replies,
+        // which sequence numbers already tell apart; keep going.
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = match guard.as_mut() {
+            Some(conn) => conn,
+            None => guard.insert(Conn::open()?),
+        };
+        let result = f(conn);
+        if result.is_err() {
+            *guard = None;
+        }
+        result
     }
 }
 

@@ -7,7 +7,7 @@ use crate::rules::{self, Rule};
 use crate::{Result, Switcheroo};
 use log::{info, warn};
 use std::time::{Duration, Instant};
-use switcheroo_sys::{Chain, Conn, Family, Op, Redirect};
+use switcheroo_sys::{Chain, Family, Op, Redirect};
 
 /// A bound but not yet public instance; see [`Switcheroo::begin`].
 #[derive(Debug)]
@@ -71,31 +71,32 @@ impl Takeover {
         let redirect = Redirect::new(sw.public_port(), self.port, &comment)?;
         let routes = sw.routes();
 
-        let mut conn = Conn::open()?;
-        let (snap, applied, attempts) = rules::transact(
-            &mut conn,
-            sw.namespace(),
-            |chain| routes.has_chain(chain),
-            |snap, batch| {
-                for family in Family::ALL {
-                    if snap.missing.iter().any(|(f, _)| *f == family) {
-                        batch.push(Op::AddTable(family));
-                    }
-                    for chain in Chain::ALL {
-                        if snap.missing.contains(&(family, chain)) {
-                            batch.push(Op::AddChain(family, chain));
+        let (snap, applied, attempts) = sw.with_conn(|conn| {
+            rules::transact(
+                conn,
+                sw.namespace(),
+                |chain| routes.has_chain(chain),
+                |snap, batch| {
+                    for family in Family::ALL {
+                        if snap.missing.iter().any(|(f, _)| *f == family) {
+                            batch.push(Op::AddTable(family));
                         }
-                        if routes.has_chain(chain) {
-                            batch.insert_rule(family, chain, redirect.clone());
+                        for chain in Chain::ALL {
+                            if snap.missing.contains(&(family, chain)) {
+                                batch.push(Op::AddChain(family, chain));
+                            }
+                            if routes.has_chain(chain) {
+                                batch.insert_rule(family, chain, redirect.clone());
+                            }
                         }
                     }
-                }
-                for rule in &snap.ours {
-                    batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
-                }
-                Ok(())
-            },
-        )?;
+                    for rule in &snap.ours {
+                        batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
+                    }
+                    Ok(())
+                },
+            )
+        })?;
         let elapsed = started.elapsed();
 
         let inserted = applied

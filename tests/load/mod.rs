@@ -1,0 +1,237 @@
+//! A small HTTP load generator for redeploy tests, the demo and the drain bench: client
+//! threads loop connect-request-read against one address, some with a new connection per
+//! request, some over keep-alive connections, and count every request that was not
+//! answered with a complete `200`.
+//!
+//! Shared by `tests/`, `examples/demo.rs` and `benches/` through `#[path]` includes, so it
+//! uses std only.
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How a failed request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// connect() was refused (RST to the SYN).
+    Refused,
+    /// The connection was reset while the request was in flight.
+    Reset,
+    /// The connection closed before a complete response.
+    CutShort,
+    /// No answer within the timeout.
+    Timeout,
+    /// An answer other than a complete 200.
+    BadResponse,
+    /// Anything else.
+    Other,
+}
+
+fn classify(e: &io::Error) -> Failure {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Failure::Refused,
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => Failure::Reset,
+        io::ErrorKind::UnexpectedEof => Failure::CutShort,
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Timeout,
+        io::ErrorKind::InvalidData => Failure::BadResponse,
+        _ => Failure::Other,
+    }
+}
+
+/// Counters shared by the client threads.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// The first few failures, with what they were.
+    pub samples: Mutex<Vec<(Failure, String)>>,
+    /// Distinct pids that answered, in order of first answer.
+    pub pids: Mutex<Vec<u32>>,
+}
+
+impl Stats {
+    fn record(&self, result: Result<u32, io::Error>) {
+        match result {
+            Ok(pid) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                let mut pids = self.pids.lock().unwrap();
+                if pids.last() != Some(&pid) && !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut samples = self.samples.lock().unwrap();
+                if samples.len() < 20 {
+                    samples.push((classify(&e), e.to_string()));
+                }
+            }
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: SocketAddr,
+    /// Threads that open a new connection per request (`Connection: close`).
+    pub close_clients: usize,
+    /// Threads that reuse keep-alive connections.
+    pub keepalive_clients: usize,
+    /// Pause between requests of one thread (zero: as fast as possible).
+    pub pause: Duration,
+    pub timeout: Duration,
+}
+
+impl Plan {
+    pub fn new(target: SocketAddr) -> Self {
+        Plan {
+            target,
+            close_clients: 4,
+            keepalive_clients: 2,
+            pause: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Running load; `stop` ends it and returns the counters.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub stats: Arc<Stats>,
+    pub started: Instant,
+}
+
+impl Load {
+    pub fn start(plan: &Plan) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Stats::default());
+        let mut threads = Vec::new();
+        for i in 0..plan.close_clients + plan.keepalive_clients {
+            let keepalive = i >= plan.close_clients;
+            let (stop, stats, plan) = (stop.clone(), stats.clone(), plan.clone());
+            threads.push(std::thread::spawn(move || {
+                client(&plan, keepalive, &stop, &stats)
+            }));
+        }
+        Load {
+            stop,
+            threads,
+            stats,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn stop(self) -> Arc<Stats> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.stats
+    }
+}
+
+fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let result = if keepalive {
+            keepalive_request(plan, &mut conn)
+        } else {
+            connect(plan).and_then(|s| request(&mut BufReader::new(s), false).map(|(pid, _)| pid))
+        };
+        stats.record(result);
+        if !plan.pause.is_zero() {
+            std::thread::sleep(plan.pause);
+        }
+    }
+}
+
+fn connect(plan: &Plan) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&plan.target, plan.timeout)?;
+    s.set_read_timeout(Some(plan.timeout))?;
+    s.set_write_timeout(Some(plan.timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn keepalive_request(plan: &Plan, conn: &mut Option<BufReader<TcpStream>>) -> io::Result<u32> {
+    if conn.is_none() {
+        *conn = Some(BufReader::new(connect(plan)?));
+    }
+    let reader = conn.as_mut().expect("set above");
+    match request(reader, true) {
+        Ok((pid, keep)) => {
+            if !keep {
+                *conn = None;
+            }
+            Ok(pid)
+        }
+        Err(e) => {
+            *conn = None;
+            Err(e)
+        }
+    }
+}
+
+/// Sends `GET /` and reads one response. Returns the pid that answered and whether the
+/// connection may be reused.
+fn request(reader: &mut BufReader<TcpStream>, keepalive: bool) -> io::Result<(u32, bool)> {
+    let req: &[u8] = if keepalive {
+        b"GET / HTTP/1.1\r\nHost: switcheroo\r\n\r\n"
+    } else {
+        b"GET / HTTP/1.1\r\nHost: switcheroo\r\nConnection: close\r\n\r\n"
+    };
+    reader.get_mut().write_all(req)?;
+    let mut status = String::new();
+    if reader.read_line(&mut status)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("status {status:?}"),
+        ));
+    }
+    let (mut len, mut close) = (None, !keepalive);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = v.trim().parse::<usize>().ok();
+        } else if lower == "connection: close" {
+            close = true;
+        }
+    }
+    let len = len.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Content-Length"))?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    let body = String::from_utf8_lossy(&body);
+    let pid = body
+        .strip_prefix("hello from pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("body {body:?}")))?;
+    Ok((pid, !close))
+}
