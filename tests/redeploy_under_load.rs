@@ -1,0 +1,76 @@
+//! Zero dropped connections: `hello` redeployed 20 times while client threads keep
+//! requesting, over new connections and over keep-alive connections, on IPv4 and IPv6.
+//! Every request must be answered with a complete 200: none refused, reset or cut short.
+
+mod common;
+#[path = "load/mod.rs"]
+mod load;
+
+use common::{privileged, Netns};
+use std::time::{Duration, Instant};
+
+const DEPLOYS: usize = 20;
+
+#[test]
+fn twenty_redeploys_under_load_drop_nothing() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut current = ns.hello(&[]);
+    let started = Instant::now();
+    let (stats, pids) = ns.enter(|| {
+        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+            .iter()
+            .map(|t| {
+                let mut plan = load::Plan::new(t.parse().unwrap());
+                plan.close_clients = 2;
+                plan.keepalive_clients = 1;
+                load::Load::start(&plan)
+            })
+            .collect();
+        let mut pids = vec![current.pid];
+        let mut old = Vec::new();
+        for _ in 0..DEPLOYS {
+            std::thread::sleep(Duration::from_millis(300));
+            let next = ns.hello(&[]);
+            pids.push(next.pid);
+            old.push(std::mem::replace(&mut current, next));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        for mut h in old {
+            let status = h
+                .wait_exit(Duration::from_secs(20))
+                .expect("old instance exits");
+            assert!(
+                status.success(),
+                "pid {} exited with {status}: {:?}",
+                h.pid,
+                h.log
+            );
+        }
+        (stats, pids)
+    });
+    let ok: u64 = stats.iter().map(|s| s.ok()).sum();
+    let failed: u64 = stats.iter().map(|s| s.failed()).sum();
+    let samples: Vec<_> = stats
+        .iter()
+        .flat_map(|s| s.samples.lock().unwrap().clone())
+        .collect();
+    eprintln!(
+        "{DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
+        started.elapsed()
+    );
+    assert_eq!(failed, 0, "failed requests: {samples:?}");
+    assert!(ok > 1000, "the load ran: {ok} requests");
+    // New connections reached every instance in turn.
+    let answered: Vec<u32> = stats
+        .iter()
+        .flat_map(|s| s.pids.lock().unwrap().clone())
+        .collect();
+    for pid in &pids[1..] {
+        assert!(answered.contains(pid), "instance {pid} never answered");
+    }
+    assert!(current.terminate().expect("last exits").success());
+}
