@@ -1,7 +1,7 @@
 //! `hello`: a small HTTP/1.1 server that deploys with switcheroo. std only.
 //!
-//! `hello [--namespace NAME] [--port PORT] [--range MIN-MAX]` (defaults `hello`, 8080,
-//! 40400-40499). Every request gets `200` with the body `hello from pid <pid> port <internal
+//! `hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N]` (defaults
+//! `hello`, 8080, 40400-40499; `--hold-ms` waits between begin and commit). Every request gets `200` with the body `hello from pid <pid> port <internal
 //! port>`; `GET /sleep?ms=N` answers after N ms. After its commit it prints
 //! `ready pid=<pid> port=<port>` on stdout. Start a second one and the first gets SIGTERM:
 //! it keeps accepting until its accept queue has been idle (switcheroo::Drain), answers
@@ -33,6 +33,7 @@ struct Args {
     namespace: String,
     port: u16,
     range: Option<(u16, u16)>,
+    hold: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         namespace: "hello".into(),
         port: 8080,
         range: None,
+        hold: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,13 +50,18 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--namespace" => args.namespace = value,
             "--port" => args.port = number(&value)?,
+            // Waits between begin and commit, to show what a crash in between leaves.
+            "--hold-ms" => {
+                let ms = value.parse().map_err(|e| format!("--hold-ms {value:?}: {e}"))?;
+                args.hold = Some(Duration::from_millis(ms));
+            }
             "--range" => {
                 let (min, max) = value
                     .split_once('-')
                     .ok_or(format!("--range {value:?}: expected MIN-MAX"))?;
                 args.range = Some((number(min)?, number(max)?));
             }
-            _ => return Err(format!("unknown argument {flag}; usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX]")),
+            _ => return Err(format!("unknown argument {flag}; usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N]")),
         }
     }
     Ok(args)
@@ -71,7 +78,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // First, before any thread exists, so that every thread leaves SIGTERM to `wait`.
     let shutdown = Shutdown::install()?;
     let args = parse_args()?;
-    let mut builder = Switcheroo::builder(args.namespace, args.port);
+    let mut builder = Switcheroo::builder(args.namespace.clone(), args.port);
     if let Some((min, max)) = args.range {
         builder = builder.port_range(min..=max);
     }
@@ -88,6 +95,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::spawn(move || accept_loop(listener, &state, &body))
     };
 
+    if let Some(hold) = args.hold {
+        eprintln!("bound port={port}; holding {hold:?} before commit");
+        std::thread::sleep(hold);
+    }
     let report = takeover.commit()?;
     eprintln!(
         "switched port={} in={}us attempts={} removed={} signalled={:?}",

@@ -72,6 +72,23 @@ pub enum Error {
     /// Any other netlink failure.
     #[error(transparent)]
     Netlink(switcheroo_sys::Error),
+    /// Another instance of the namespace kept its commit lock for too long (it is stopped
+    /// or hung); nothing was changed.
+    #[error("namespace {namespace:?}: another instance has been committing for {waited:?}; check for a stopped or hung instance, then retry")]
+    Busy {
+        /// The namespace.
+        namespace: String,
+        /// How long this call waited.
+        waited: std::time::Duration,
+    },
+    /// The namespace's commit lock (an abstract unix socket) could not be created.
+    #[error("namespace {namespace:?}: creating the commit lock (abstract unix socket @switcheroo/{namespace}): {source}")]
+    Lock {
+        /// The namespace.
+        namespace: String,
+        /// The system error.
+        source: std::io::Error,
+    },
     /// Setting up signal handling failed.
     #[error("{op}: {errno}")]
     Signal {

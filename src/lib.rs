@@ -55,6 +55,7 @@
 mod comment;
 mod drain;
 mod error;
+mod lock;
 mod owner;
 mod port;
 mod routes;

@@ -1,10 +1,11 @@
 //! This namespace's rules as the kernel holds them, and the retried transaction over them.
 
 use crate::comment::Identity;
+use crate::lock::NamespaceLock;
 use crate::{owner, Error, Result};
 use log::{debug, warn};
 use std::time::Duration;
-use switcheroo_sys::{Applied, Batch, Chain, Conn, Family, Handle, Op};
+use switcheroo_sys::{Applied, Batch, Chain, Conn, Family, Handle, Op, RuleEntry};
 
 /// One switcheroo rule of a namespace, as found in the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +66,7 @@ pub(crate) fn snapshot(
     };
     for family in Family::ALL {
         for chain in Chain::ALL {
-            let entries = conn.list_rules(family, chain)?;
+            let entries = list_rules(conn, family, chain)?;
             if entries.is_empty() && wanted(chain) && !conn.chain_exists(family, chain)? {
                 snap.missing.push((family, chain));
             }
@@ -96,25 +97,49 @@ pub(crate) fn snapshot(
     Ok(snap)
 }
 
-/// How many times a transaction is tried when the ruleset changes under it. Each try is a
-/// fresh dump and one batch, well under a millisecond, so even a tight loop of foreign
-/// writers leaves gaps to get through.
+/// Dumps one chain, again if a concurrent change interrupted the dump (NLM_F_DUMP_INTR).
+fn list_rules(conn: &mut Conn, family: Family, chain: Chain) -> Result<Vec<RuleEntry>> {
+    let mut tries = 0;
+    loop {
+        match conn.list_rules(family, chain) {
+            Err(e) if e.is_conflict() && tries < MAX_ATTEMPTS => {
+                tries += 1;
+                debug!("dump of {family} nat {chain} interrupted, again: {e}");
+                std::thread::sleep(backoff(tries));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// How many times a transaction is tried by default when the ruleset changes under it.
+/// Each try is a fresh dump and one batch, well under a millisecond, so even a tight loop of
+/// foreign writers leaves gaps to get through.
 pub(crate) const MAX_ATTEMPTS: u32 = 32;
 
-/// Builds a batch from a fresh snapshot and applies it; on a conflict (the generation moved,
-/// or a handle vanished) nothing was applied, so it re-reads and tries again after a short
-/// random pause, up to [`MAX_ATTEMPTS`] times.
+/// Builds a batch from a fresh snapshot and applies it, holding the namespace's lock; on a
+/// conflict (a handle vanished, or the generation moved while the batch creates chains)
+/// nothing was applied, so it re-reads and tries again after a short random pause, up to
+/// `max_attempts` times.
+///
+/// The batch is bound to the generation of its dump only when it creates the table or
+/// chains, where a concurrent creator matters; otherwise the namespace lock keeps our own
+/// instances apart and deletion by handle keeps foreign writers harmless, so a busy foreign
+/// writer cannot starve the switch.
 pub(crate) fn transact(
     conn: &mut Conn,
     namespace: &str,
+    max_attempts: u32,
     wanted: impl Fn(Chain) -> bool,
     mut build: impl FnMut(&Snapshot, &mut Batch) -> Result<()>,
 ) -> Result<(Snapshot, Applied, u32)> {
+    let _lock = NamespaceLock::acquire(namespace)?;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let snap = snapshot(conn, namespace, &wanted)?;
-        let mut batch = Batch::new(Some(snap.generation));
+        let generation = (!snap.missing.is_empty()).then_some(snap.generation);
+        let mut batch = Batch::new(generation);
         build(&snap, &mut batch)?;
         if batch.ops().is_empty() {
             return Ok((snap, Applied::default(), attempt));
@@ -126,8 +151,8 @@ pub(crate) fn transact(
         );
         match conn.apply(&batch) {
             Ok(applied) => return Ok((snap, applied, attempt)),
-            Err(e) if e.is_conflict() && attempt < MAX_ATTEMPTS => {
-                if attempt == MAX_ATTEMPTS / 2 {
+            Err(e) if e.is_conflict() && attempt < max_attempts => {
+                if attempt == max_attempts / 2 {
                     warn!("namespace {namespace}: {attempt} conflicting transactions in a row; the chains are changing fast ({e})");
                 } else {
                     debug!("namespace {namespace}: conflict, retrying: {e}");

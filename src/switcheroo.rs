@@ -26,6 +26,7 @@ pub struct Switcheroo {
     public_port: u16,
     routes: Routes,
     range: RangeInclusive<u16>,
+    max_attempts: u32,
     conn: Arc<Mutex<Option<Conn>>>,
 }
 
@@ -49,6 +50,14 @@ impl Builder {
     /// the range bounds how many can overlap during deploys.
     pub fn port_range(mut self, range: RangeInclusive<u16>) -> Self {
         self.inner.range = range;
+        self
+    }
+
+    /// How many transactions `commit` and `cleanup` try when the ruleset keeps changing
+    /// under them (default 32, at least 1). Past that they fail with [`Error::Conflict`],
+    /// having changed nothing.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.inner.max_attempts = attempts.max(1);
         self
     }
 
@@ -99,6 +108,7 @@ impl Switcheroo {
                 public_port,
                 routes: Routes::default(),
                 range: DEFAULT_PORT_RANGE,
+                max_attempts: rules::MAX_ATTEMPTS,
                 conn: Arc::default(),
             },
         }
@@ -122,6 +132,11 @@ impl Switcheroo {
     /// The internal port range.
     pub fn port_range(&self) -> RangeInclusive<u16> {
         self.range.clone()
+    }
+
+    /// The retry budget of a transaction.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
     }
 
     /// Binds a listener on a free internal port and returns it with the [`Takeover`] that
@@ -156,18 +171,20 @@ impl Switcheroo {
     /// many there were. Processes are not signalled. Other rules are not touched; the
     /// tables and chains stay.
     pub fn cleanup(&self) -> Result<usize> {
-        let mut conn = Conn::open()?;
-        let (snap, _, _) = rules::transact(
-            &mut conn,
-            &self.namespace,
-            |_| false,
-            |snap, batch| {
-                for rule in &snap.ours {
-                    batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
-                }
-                Ok(())
-            },
-        )?;
+        let (snap, _, _) = self.with_conn(|conn| {
+            rules::transact(
+                conn,
+                &self.namespace,
+                self.max_attempts,
+                |_| false,
+                |snap, batch| {
+                    for rule in &snap.ours {
+                        batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
+                    }
+                    Ok(())
+                },
+            )
+        })?;
         if !snap.ours.is_empty() {
             info!(
                 "namespace {}: removed {} rules",

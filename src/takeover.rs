@@ -53,7 +53,8 @@ impl Takeover {
     /// inserts the new redirect at the head of each chain of the routes, and deletes every
     /// older rule of the namespace by handle. If the ruleset changed in between, the kernel
     /// refuses the batch whole; it is recomputed from a fresh dump after a short random
-    /// pause, up to 32 times ([`crate::Error::Conflict`] after that, with nothing applied).
+    /// pause, up to [`crate::Builder::max_attempts`] times ([`crate::Error::Conflict`] after
+    /// that, with nothing applied).
     ///
     /// Then each owner of a deleted rule is sent SIGTERM, only if its pid and start time
     /// match the rule, and never the calling process.
@@ -75,6 +76,7 @@ impl Takeover {
             rules::transact(
                 conn,
                 sw.namespace(),
+                sw.max_attempts(),
                 |chain| routes.has_chain(chain),
                 |snap, batch| {
                     for family in Family::ALL {

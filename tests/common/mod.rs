@@ -256,6 +256,25 @@ impl Hello {
         }
     }
 
+    /// Waits for a line of output that starts with `prefix` (seen before or after the
+    /// ready line: stdout and stderr are read by separate threads).
+    pub fn line(&mut self, prefix: &str) -> String {
+        if let Some(l) = self.log.iter().find(|l| l.starts_with(prefix)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.log.push(l.clone());
+            if l.starts_with(prefix) {
+                return l;
+            }
+        }
+        panic!("no line starting with {prefix:?}; output: {:?}", self.log);
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -309,6 +328,16 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Sets a flag when dropped, so that helper threads of a scope stop even when the test
+/// body panics (a scope joins its threads before the panic propagates).
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// The pid named by a hello body.
