@@ -1,83 +1,77 @@
-//! Failed connections per 1,000 deploys under load: an old instance that closes its
-//! listener as soon as it is replaced, against one that drains with [`switcheroo::Drain`],
-//! side by side in one run; and how long a drain takes.
+//! Failed connections per 1,000 deploys under load: `hello` that closes its listener as
+//! soon as it gets SIGTERM (`--no-drain`) against `hello` that drains with
+//! [`switcheroo::Drain`], side by side in one run; and how long a drain takes.
 //!
-//! `cargo bench --bench drain [-- --deploys N]` (root: it runs in a network namespace of
-//! its own, made with unshare(2), that disappears with the process).
-//!
-//! Instances are listeners in this process, each switched in with the library exactly as a
-//! server would; the load generator of `tests/load` keeps about a few thousand new
-//! connections per second on 127.0.0.1:8080.
+//! `cargo build --release --example hello && cargo bench --bench drain [-- --deploys N]`
+//! as root. It runs in a network namespace of its own (unshare(2)), which disappears with
+//! the process. Deploys are real processes, as in production: each new `hello` takes over
+//! and SIGTERMs the previous one, while client threads open a new connection per request.
 
 #[path = "../tests/load/mod.rs"]
 mod load;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use switcheroo::{Drain, Switcheroo};
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Retire {
-    CloseAtOnce,
-    Drain,
-}
 
 struct Instance {
-    listener: Arc<TcpListener>,
-    acceptor: JoinHandle<()>,
+    child: Child,
+    stderr: BufReader<std::process::ChildStderr>,
 }
 
-fn serve(listener: Arc<TcpListener>, port: u16) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let body = format!("hello from pid {} port {port}", std::process::id());
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        // accept() fails with EINVAL once the listener is shut down.
-        while let Ok((mut stream, _)) = listener.accept() {
-            let response = response.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(response.as_bytes());
-            });
+fn hello_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/release");
+    dir.join("examples").join("hello")
+}
+
+fn start(drain: bool) -> Instance {
+    let mut cmd = Command::new(hello_path());
+    // A wide range: at one deploy every ~60 ms a 100-port range runs out of ports without
+    // TIME_WAIT leftovers within seconds, and reusing one refuses connections whatever the
+    // old instance does; real deploys are minutes apart.
+    cmd.args(["--namespace", "drainbench", "--range", "41000-48999"]);
+    if !drain {
+        cmd.arg("--no-drain");
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hello");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready line");
+    if !line.starts_with("ready") {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+        panic!("hello did not start: {err}");
+    }
+    Instance {
+        stderr: BufReader::new(child.stderr.take().unwrap()),
+        child,
+    }
+}
+
+/// Waits for a replaced instance to exit; returns its drain time if it reported one.
+fn reap(mut old: Instance) -> Option<Duration> {
+    let mut drained = None;
+    for line in (&mut old.stderr).lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("drained in ") {
+            let ms: Option<f64> = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.strip_suffix("ms"))
+                .and_then(|v| v.parse().ok());
+            drained = ms.map(|ms| Duration::from_secs_f64(ms / 1e3));
         }
-    })
-}
-
-fn deploy(sw: &Switcheroo) -> (Instance, Duration) {
-    let (listener, takeover) = sw.begin().expect("begin");
-    let listener = Arc::new(listener);
-    let acceptor = serve(listener.clone(), takeover.port());
-    let report = takeover.commit().expect("commit");
-    (Instance { listener, acceptor }, report.elapsed)
-}
-
-/// Retires an instance the way an old process would after SIGTERM; returns the drain time.
-fn retire(old: Instance, how: Retire) -> Duration {
-    let waited = match how {
-        Retire::CloseAtOnce => Duration::ZERO,
-        Retire::Drain => Drain::new().wait(&old.listener).expect("drain").waited,
-    };
-    // shutdown(2) on a listening socket wakes the acceptor, and resets whatever is still
-    // queued: exactly what closing the listener does.
-    let _ = nix::sys::socket::shutdown(
-        std::os::fd::AsRawFd::as_raw_fd(&old.listener.as_fd()),
-        nix::sys::socket::Shutdown::Both,
-    );
-    let _ = old.acceptor.join();
-    waited
+    }
+    let _ = old.child.wait();
+    drained
 }
 
 struct Outcome {
@@ -87,29 +81,34 @@ struct Outcome {
     elapsed: Duration,
 }
 
-fn run(how: Retire, deploys: usize, interval: Duration) -> Outcome {
-    let sw = Switcheroo::builder("bench", 8080).build().expect("config");
-    let (mut current, _) = deploy(&sw);
+fn run(drain: bool, deploys: usize, interval: Duration) -> Outcome {
+    let mut current = start(drain);
     let mut plan = load::Plan::new("127.0.0.1:8080".parse().unwrap());
     plan.close_clients = 6;
     plan.keepalive_clients = 0;
     let load = load::Load::start(&plan);
     let started = Instant::now();
-    let mut retiring = Vec::new();
+    let mut reapers: Vec<JoinHandle<Option<Duration>>> = Vec::new();
     for _ in 0..deploys {
         std::thread::sleep(interval);
-        let (next, _) = deploy(&sw);
+        let next = start(drain);
         let old = std::mem::replace(&mut current, next);
-        retiring.push(std::thread::spawn(move || retire(old, how)));
+        reapers.push(std::thread::spawn(move || reap(old)));
     }
     std::thread::sleep(Duration::from_millis(300));
     let stats = load.stop();
-    let drains = retiring
+    for (kind, msg) in stats.samples.lock().unwrap().iter().take(3) {
+        eprintln!(
+            "  sample failure ({}): {kind:?}: {msg}",
+            if drain { "drain" } else { "close" }
+        );
+    }
+    let drains = reapers
         .into_iter()
-        .map(|h| h.join().expect("retire"))
+        .filter_map(|r| r.join().ok().flatten())
         .collect();
-    retire(current, Retire::CloseAtOnce);
-    sw.cleanup().expect("cleanup");
+    let _ = current.child.kill();
+    let _ = current.child.wait();
     Outcome {
         requests: stats.ok() + stats.failed(),
         failed: stats.failed(),
@@ -121,7 +120,7 @@ fn run(how: Retire, deploys: usize, interval: Duration) -> Outcome {
 fn enter_private_netns() -> Result<(), String> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("unshare(CLONE_NEWNET): {e} (run as root)"))?;
-    let ok = std::process::Command::new("ip")
+    let ok = Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status()
         .map_err(|e| format!("ip link set lo up: {e}"))?
@@ -136,6 +135,13 @@ fn main() {
         println!("drain bench: skipped under `cargo test`; run `cargo bench --bench drain`");
         return;
     }
+    if !hello_path().exists() {
+        eprintln!(
+            "drain bench: {} is missing; run `cargo build --release --example hello` first",
+            hello_path().display()
+        );
+        std::process::exit(1);
+    }
     let deploys = args
         .iter()
         .position(|a| a == "--deploys")
@@ -146,16 +152,14 @@ fn main() {
         eprintln!("drain bench: {e}");
         std::process::exit(1);
     }
-    let interval = Duration::from_millis(25);
-    println!("{deploys} deploys per mode, one every {interval:?}, 6 client threads, new connection per request");
-    println!();
-    println!("| old instance | requests | conn/s | failed | failed per 1,000 deploys | drain median | drain max |");
+    let interval = Duration::from_millis(50);
+    println!("{deploys} deploys of hello per mode, one every {interval:?} (plus start-up), 6 client threads, new connection per request\n");
+    println!("| old instance on SIGTERM | requests | conn/s | failed | failed per 1,000 deploys | drain median | drain max |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let mut per_1000 = Vec::new();
-    for how in [Retire::CloseAtOnce, Retire::Drain] {
-        let mut o = run(how, deploys, interval);
+    for drain in [false, true] {
+        let mut o = run(drain, deploys, interval);
         o.drains.sort();
-        let rate = o.requests as f64 / o.elapsed.as_secs_f64();
         let p = o.failed as f64 * 1000.0 / deploys as f64;
         per_1000.push(p);
         let ms = |d: Option<&Duration>| {
@@ -163,29 +167,21 @@ fn main() {
         };
         println!(
             "| {} | {} | {:.0} | {} | {:.1} | {} | {} |",
-            match how {
-                Retire::CloseAtOnce => "closes at once",
-                Retire::Drain => "drains (switcheroo::Drain)",
+            if drain {
+                "drains (switcheroo::Drain)"
+            } else {
+                "closes at once (--no-drain)"
             },
             o.requests,
-            rate,
+            o.requests as f64 / o.elapsed.as_secs_f64(),
             o.failed,
             p,
-            if how == Retire::Drain {
-                ms(o.drains.get(o.drains.len() / 2))
-            } else {
-                "-".into()
-            },
-            if how == Retire::Drain {
-                ms(o.drains.last())
-            } else {
-                "-".into()
-            },
+            ms(o.drains.get(o.drains.len() / 2)),
+            ms(o.drains.last()),
         );
     }
-    println!();
     println!(
-        "target: 0 failed connections with the drain: {}",
+        "\ntarget: 0 failed connections with the drain: {}",
         if per_1000[1] == 0.0 { "met" } else { "NOT met" }
     );
 }

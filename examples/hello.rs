@@ -1,7 +1,8 @@
 //! `hello`: a small HTTP/1.1 server that deploys with switcheroo. std only.
 //!
-//! `hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N]` (defaults
-//! `hello`, 8080, 40400-40499; `--hold-ms` waits between begin and commit). Every request gets `200` with the body `hello from pid <pid> port <internal
+//! `hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]`
+//! (defaults `hello`, 8080, 40400-40499; `--hold-ms` waits between begin and commit,
+//! `--no-drain` closes the listener at once on SIGTERM, for comparison only). Every request gets `200` with the body `hello from pid <pid> port <internal
 //! port>`; `GET /sleep?ms=N` answers after N ms. After its commit it prints
 //! `ready pid=<pid> port=<port>` on stdout. Start a second one and the first gets SIGTERM:
 //! it keeps accepting until its accept queue has been idle (switcheroo::Drain), answers
@@ -34,6 +35,7 @@ struct Args {
     port: u16,
     range: Option<(u16, u16)>,
     hold: Option<Duration>,
+    drain: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -42,9 +44,15 @@ fn parse_args() -> Result<Args, String> {
         port: 8080,
         range: None,
         hold: None,
+        drain: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        // Closes the listener at once on SIGTERM: only to measure what the drain prevents.
+        if flag == "--no-drain" {
+            args.drain = false;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         let number = |v: &str| v.parse::<u16>().map_err(|e| format!("{flag} {v:?}: {e}"));
         match flag.as_str() {
@@ -61,7 +69,7 @@ fn parse_args() -> Result<Args, String> {
                     .ok_or(format!("--range {value:?}: expected MIN-MAX"))?;
                 args.range = Some((number(min)?, number(max)?));
             }
-            _ => return Err(format!("unknown argument {flag}; usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N]")),
+            _ => return Err(format!("unknown argument {flag}; usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]")),
         }
     }
     Ok(args)
@@ -114,13 +122,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let signal = shutdown.wait();
     eprintln!("signal {signal}: draining port {port}");
     state.shutting_down.store(true, Ordering::SeqCst);
-    let drained = Drain::new().wait(&listener)?;
-    eprintln!(
-        "drained in {:?} (longest queue {}{})",
-        drained.waited,
-        drained.max_queue,
-        if drained.timed_out { ", timed out" } else { "" }
-    );
+    if args.drain {
+        let drained = Drain::new().wait(&listener)?;
+        eprintln!(
+            "drained in {:?} (longest queue {}{})",
+            drained.waited,
+            drained.max_queue,
+            if drained.timed_out { ", timed out" } else { "" }
+        );
+    }
     stop_accepting(&listener, &state, port);
     let _ = acceptor.join();
     drop(listener);
