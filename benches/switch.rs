@@ -8,39 +8,13 @@
 #[path = "../tests/load/mod.rs"]
 mod load;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switcheroo::Switcheroo;
 use switcheroo_sys::{Batch, Conn, Family, Op};
-
-/// Counts heap bytes in use and the peak, to report the library's memory per instance.
-struct Counting;
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY (not an unsafe block, but the trait is unsafe): every call is forwarded to the
-// system allocator unchanged; only counters are updated on the side.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = IN_USE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        // SAFETY: same layout contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
 
 fn sh(cmd: &str, args: &[&str], stdin: Option<&str>) -> String {
     let mut child = Command::new(cmd)
@@ -387,22 +361,35 @@ fn main() {
         redirected / direct * 100.0
     );
 
-    // Memory: heap the library holds per instance (a Switcheroo and a Takeover), and the
-    // peak heap during a commit (socket buffers included).
-    let before = IN_USE.load(Ordering::Relaxed);
-    let sw2 = Switcheroo::builder("memory", 8090).build().unwrap();
-    let (l2, t2) = sw2.begin().unwrap();
-    let held = IN_USE.load(Ordering::Relaxed) - before;
-    PEAK.store(IN_USE.load(Ordering::Relaxed), Ordering::Relaxed);
-    let base = IN_USE.load(Ordering::Relaxed);
-    t2.commit().unwrap();
-    let peak = PEAK.load(Ordering::Relaxed) - base;
-    let after = IN_USE.load(Ordering::Relaxed) as isize - base as isize;
-    drop(l2);
-    sw2.cleanup().unwrap();
+    // Memory: resident memory per instance, from 100 instances that have each begun (so
+    // hold their socket, buffers and listener) and committed.
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let instances: Vec<_> = (0..100)
+        .map(|i| {
+            let sw = Switcheroo::builder(format!("memory{i}"), 8090)
+                .port_range(43000..=43999)
+                .build()
+                .unwrap();
+            let (l, t) = sw.begin().unwrap();
+            t.commit().unwrap();
+            (sw, l)
+        })
+        .collect();
+    let per_instance = (rss() - before) as f64 / 100.0;
+    for (sw, _) in &instances {
+        sw.cleanup().unwrap();
+    }
+    drop(instances);
     println!(
-        "memory: {held} heap bytes held per instance between begin and commit; commit peaks at {} KiB of heap (its 64 KiB receive buffer included) and keeps {after} bytes afterwards",
-        peak / 1024
+        "memory: {per_instance:.0} KiB resident per instance (Switcheroo with its netlink socket and 64 KiB receive buffer, listener; 100 instances in one process)"
     );
 
     println!("\n## targets");
