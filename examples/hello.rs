@@ -1,13 +1,23 @@
-//! `hello`: a small HTTP/1.1 server that deploys with switcheroo. std only.
+//! `hello`: a small HTTP/1.1 server that deploys with switcheroo, std only.
 //!
-//! `hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]`
-//! (defaults `hello`, 8080, 40400-40499; `--hold-ms` waits between begin and commit,
-//! `--no-drain` closes the listener at once on SIGTERM, for comparison only). Every request gets `200` with the body `hello from pid <pid> port <internal
-//! port>`; `GET /sleep?ms=N` answers after N ms. After its commit it prints
-//! `ready pid=<pid> port=<port>` on stdout. Start a second one and the first gets SIGTERM:
-//! it keeps accepting until its accept queue has been idle (switcheroo::Drain), answers
-//! what is in flight (the next response on a keep-alive connection says
-//! `Connection: close`), and exits 0. On error it prints `error: <message>` and exits 1.
+//! ```text
+//! hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]
+//! ```
+//!
+//! Defaults: namespace `hello`, public port 8080, internal ports 40400-40499, both routes.
+//! Every request gets `200` with the body `hello from pid <pid> port <internal port>`;
+//! `GET /sleep?ms=N` answers the same after N ms. Once its commit is done it prints
+//! `ready pid=<pid> port=<port>` on stdout.
+//!
+//! Start a second one and the first gets SIGTERM: it keeps accepting until its accept
+//! queue has been idle for a while ([`switcheroo::Drain`]), then stops accepting, answers
+//! every request that has started to arrive (the next response on a keep-alive connection
+//! carries `Connection: close`), closes keep-alive connections that stay idle, and exits 0.
+//! On error it prints `error: <message>` on stderr and exits 1.
+//!
+//! Two flags exist for tests and benchmarks: `--hold-ms N` waits N ms between `begin` and
+//! `commit` (to show that a crash in between leaves the ruleset alone), and `--no-drain`
+//! stops accepting at once on SIGTERM (to measure what the drain prevents).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
@@ -16,19 +26,17 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use switcheroo::{Drain, Shutdown, Switcheroo};
 
-/// How long a keep-alive connection may sit idle after shutdown began before it is closed.
-const IDLE_AFTER_SHUTDOWN: Duration = Duration::from_millis(500);
-/// How long in-flight requests get to finish after the listener closed.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
+const USAGE: &str =
+    "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]";
 
-#[derive(Default)]
-struct State {
-    shutting_down: AtomicBool,
-    stop_accepting: AtomicBool,
-    active: Mutex<usize>,
-    idle: Condvar,
-}
+/// How long a keep-alive connection with no request in progress stays open after shutdown
+/// began. A client that sends its next request within this window still gets an answer
+/// (with `Connection: close`); after it, the server closes the connection.
+const IDLE_AFTER_SHUTDOWN: Duration = Duration::from_secs(1);
+/// How long in-flight connections get to finish once the listener is closed.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections read with this timeout, so that they notice shutdown while idle.
+const POLL: Duration = Duration::from_millis(50);
 
 struct Args {
     namespace: String,
@@ -38,6 +46,8 @@ struct Args {
     drain: bool,
 }
 
+/// Only rejects what does not parse; whether the values make sense is for the library to
+/// say (a reversed range, port 0, a bad namespace: `build` returns a typed error).
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         namespace: "hello".into(),
@@ -48,31 +58,55 @@ fn parse_args() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        // Closes the listener at once on SIGTERM: only to measure what the drain prevents.
-        if flag == "--no-drain" {
-            args.drain = false;
-            continue;
-        }
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let number = |v: &str| v.parse::<u16>().map_err(|e| format!("{flag} {v:?}: {e}"));
         match flag.as_str() {
-            "--namespace" => args.namespace = value,
-            "--port" => args.port = number(&value)?,
-            // Waits between begin and commit, to show what a crash in between leaves.
-            "--hold-ms" => {
-                let ms = value.parse().map_err(|e| format!("--hold-ms {value:?}: {e}"))?;
-                args.hold = Some(Duration::from_millis(ms));
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
             }
+            "--no-drain" => {
+                args.drain = false;
+                continue;
+            }
+            _ => {}
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value; {USAGE}"))?;
+        let port = |v: &str| {
+            v.parse::<u16>()
+                .map_err(|e| format!("{flag} {value:?}: {v:?} is not a port number: {e}"))
+        };
+        match flag.as_str() {
+            "--namespace" => args.namespace = value.clone(),
+            "--port" => args.port = port(&value)?,
             "--range" => {
                 let (min, max) = value
                     .split_once('-')
-                    .ok_or(format!("--range {value:?}: expected MIN-MAX"))?;
-                args.range = Some((number(min)?, number(max)?));
+                    .ok_or_else(|| format!("--range {value:?}: expected MIN-MAX"))?;
+                args.range = Some((port(min)?, port(max)?));
             }
-            _ => return Err(format!("unknown argument {flag}; usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]")),
+            "--hold-ms" => {
+                let ms = value
+                    .parse()
+                    .map_err(|e| format!("--hold-ms {value:?}: {e}"))?;
+                args.hold = Some(Duration::from_millis(ms));
+            }
+            _ => return Err(format!("unknown argument {flag:?}; {USAGE}")),
         }
     }
     Ok(args)
+}
+
+/// What the acceptor and the connection threads share with `main`.
+#[derive(Default)]
+struct State {
+    /// Set when SIGTERM/SIGINT arrived: responses say `Connection: close` from now on.
+    shutting_down: AtomicBool,
+    /// Set when the drain is over: the acceptor returns at its next wake-up.
+    stop_accepting: AtomicBool,
+    /// Connections being served.
+    open: Mutex<usize>,
+    all_closed: Condvar,
 }
 
 fn main() {
@@ -83,24 +117,27 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // First, before any thread exists, so that every thread leaves SIGTERM to `wait`.
+    // First, before any thread exists: every thread inherits the blocked signals, so
+    // SIGTERM stays pending for `shutdown.wait()` instead of killing the process.
     let shutdown = Shutdown::install()?;
     let args = parse_args()?;
-    let mut builder = Switcheroo::builder(args.namespace.clone(), args.port);
+    let mut builder = Switcheroo::builder(args.namespace.as_str(), args.port);
     if let Some((min, max)) = args.range {
         builder = builder.port_range(min..=max);
     }
     let sw = builder.build()?;
     let (listener, takeover) = sw.begin()?;
     let port = takeover.port();
-    let body = format!("hello from pid {} port {port}", std::process::id());
+    let pid = std::process::id();
+    let body: Arc<str> = format!("hello from pid {pid} port {port}").into();
 
+    // Serve before the commit: the first connection the new rule sends here must find
+    // someone accepting.
     let state = Arc::new(State::default());
     let acceptor = {
         let listener = listener.try_clone()?;
-        let state = state.clone();
-        let body = body.clone();
-        std::thread::spawn(move || accept_loop(listener, &state, &body))
+        let (state, body) = (state.clone(), body.clone());
+        std::thread::spawn(move || accept_loop(listener, state, body))
     };
 
     if let Some(hold) = args.hold {
@@ -116,111 +153,108 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         report.removed.len(),
         report.signalled
     );
-    println!("ready pid={} port={port}", std::process::id());
-    io::stdout().flush()?;
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "ready pid={pid} port={port}")?;
+    stdout.flush()?;
+    drop(stdout);
 
     let signal = shutdown.wait();
-    eprintln!("signal {signal}: draining port {port}");
     state.shutting_down.store(true, Ordering::SeqCst);
+    // Printed once the flag is set: from here on every response says `Connection: close`.
+    eprintln!("signal {signal}: draining port {port}");
     if args.drain {
+        // The acceptor goes on accepting meanwhile: connections the old rule mapped here
+        // just before the switch are still arriving.
         let drained = Drain::new().wait(&listener)?;
         eprintln!(
-            "drained in {:?} (longest queue {}{})",
+            "drained in {:?}{}",
             drained.waited,
-            drained.max_queue,
-            if drained.timed_out { ", timed out" } else { "" }
+            if drained.timed_out {
+                " (timed out)"
+            } else {
+                ""
+            }
         );
     }
-    stop_accepting(&listener, &state, port);
-    let _ = acceptor.join();
+    state.stop_accepting.store(true, Ordering::SeqCst);
+    if wake(port) {
+        let _ = acceptor.join();
+    } else {
+        // The acceptor stays blocked in accept(2) and keeps its copy of the listener
+        // until the process exits; the in-flight connections still get their answers.
+        eprintln!("could not wake the acceptor on port {port}; it stays until exit");
+    }
     drop(listener);
 
-    let active = state.active.lock().unwrap_or_else(|p| p.into_inner());
-    let (active, _) = state
-        .idle
-        .wait_timeout_while(active, FINISH_TIMEOUT, |n| *n > 0)
+    let open = state.open.lock().unwrap_or_else(|p| p.into_inner());
+    let (open, _) = state
+        .all_closed
+        .wait_timeout_while(open, FINISH_TIMEOUT, |n| *n > 0)
         .unwrap_or_else(|p| p.into_inner());
-    if *active > 0 {
-        return Err(format!(
-            "{} connections still open after {FINISH_TIMEOUT:?}",
-            *active
-        )
-        .into());
+    if *open > 0 {
+        return Err(format!("{} connections still open after {FINISH_TIMEOUT:?}", *open).into());
     }
     Ok(())
 }
 
-/// Wakes the acceptor, which is blocked in accept(2), with a connection of our own; it
-/// sees the flag and returns, dropping its copy of the listener.
-fn stop_accepting(listener: &TcpListener, state: &State, port: u16) {
-    state.stop_accepting.store(true, Ordering::SeqCst);
-    let local = listener.local_addr().map(|a| a.is_ipv6()).unwrap_or(true);
-    let wake = if local {
-        TcpStream::connect(("::1", port)).or_else(|_| TcpStream::connect(("127.0.0.1", port)))
-    } else {
-        TcpStream::connect(("127.0.0.1", port))
-    };
-    drop(wake);
+/// Makes one connection to our own internal port, so that the acceptor, blocked in
+/// accept(2), returns and sees `stop_accepting` (std has no way to interrupt accept).
+/// The connection goes straight to the internal port: the REDIRECT rule only matches the
+/// public one. The listener is dual-stack, or IPv6-only where `bindv6only` is set.
+fn wake(port: u16) -> bool {
+    ["127.0.0.1", "::1"].iter().any(|host| {
+        let addr = (*host, port);
+        std::net::ToSocketAddrs::to_socket_addrs(&addr)
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+    })
 }
 
-fn accept_loop(listener: TcpListener, state: &Arc<State>, body: &str) {
-    for stream in listener.incoming() {
-        if state.stop_accepting.load(Ordering::SeqCst) {
-            break;
+fn accept_loop(listener: TcpListener, state: Arc<State>, body: Arc<str>) {
+    loop {
+        match listener.accept() {
+            // Whatever was accepted is served, even once stopping: it may be a client's
+            // connection that arrived just before the wake-up one (which sends nothing
+            // and closes, so serving it costs one read).
+            Ok((stream, _)) => {
+                *state.open.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let (state, body) = (state.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &state, &body);
+                    *state.open.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                    state.all_closed.notify_all();
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // E.g. EMFILE: back off instead of spinning; the connection stays queued.
+            Err(_) => std::thread::sleep(POLL),
         }
-        let Ok(stream) = stream else { continue };
-        *state.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let state = state.clone();
-        let body = body.to_owned();
-        std::thread::spawn(move || {
-            let _ = serve(stream, &state, &body);
-            let mut active = state.active.lock().unwrap_or_else(|p| p.into_inner());
-            *active -= 1;
-            state.idle.notify_all();
-        });
+        if state.stop_accepting.load(Ordering::SeqCst) {
+            return;
+        }
     }
 }
 
-/// Serves one connection: requests in turn until the client closes, asks to close, or
-/// shutdown began.
+/// Serves one connection: requests in turn until the client closes or asks to, or until
+/// shutdown began (then the response in progress is the last one).
 fn serve(mut stream: TcpStream, state: &State, body: &str) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(POLL))?;
     let mut buf = Vec::new();
-    loop {
-        let Some(head) = read_head(&mut stream, &mut buf, state)? else {
-            return Ok(());
-        };
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default();
-        let mut parts = request_line.split_whitespace();
-        let (_method, target, version) = (parts.next(), parts.next().unwrap_or("/"), parts.next());
-        let mut client_close = version == Some("HTTP/1.0");
-        let mut content_length = 0usize;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let value = value.trim().to_ascii_lowercase();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "connection" if value == "close" => client_close = true,
-                "connection" if value == "keep-alive" => client_close = false,
-                "content-length" => content_length = value.parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-        discard_body(&mut stream, &mut buf, content_length)?;
-        if let Some(ms) = sleep_ms(target) {
+    while let Some(head) = read_head(&mut stream, &mut buf, state)? {
+        let request = Request::parse(&head);
+        discard(&mut stream, &mut buf, request.content_length)?;
+        if let Some(ms) = request.sleep_ms {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        // Checked after the work: a request that was in flight at SIGTERM still gets its
-        // answer, and the answer tells the client to go elsewhere next time.
-        let close = client_close || state.shutting_down.load(Ordering::SeqCst);
+        // Checked after the work: a request in flight at SIGTERM is still answered, and
+        // the answer tells the client to open its next connection elsewhere.
+        let close = request.close || state.shutting_down.load(Ordering::SeqCst);
         let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{body}",
             body.len(),
-            if close { "Connection: close\r\n" } else { "" }
+            if close { "Connection: close\r\n" } else { "" },
         );
         stream.write_all(response.as_bytes())?;
         if close {
@@ -228,10 +262,68 @@ fn serve(mut stream: TcpStream, state: &State, body: &str) -> io::Result<()> {
             return Ok(());
         }
     }
+    Ok(())
 }
 
-/// Reads up to the end of a request head. `None` when the client closed, or when the
-/// connection sat idle (no request started) for a while after shutdown began.
+/// What `serve` needs to know of a request head.
+struct Request {
+    close: bool,
+    content_length: usize,
+    sleep_ms: Option<u64>,
+}
+
+impl Request {
+    fn parse(head: &[u8]) -> Request {
+        let head = String::from_utf8_lossy(head);
+        let mut lines = head.split("\r\n");
+        let mut parts = lines.next().unwrap_or_default().split_whitespace();
+        let (target, version) = (parts.nth(1).unwrap_or("/"), parts.next());
+        let mut request = Request {
+            // HTTP/1.0 closes unless asked to keep alive; HTTP/1.1 keeps alive.
+            close: version == Some("HTTP/1.0"),
+            content_length: 0,
+            sleep_ms: sleep_ms(target),
+        };
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("connection") {
+                if value.eq_ignore_ascii_case("close") {
+                    request.close = true;
+                } else if value.eq_ignore_ascii_case("keep-alive") {
+                    request.close = false;
+                }
+            } else if name.eq_ignore_ascii_case("content-length") {
+                request.content_length = value.parse().unwrap_or(0);
+            }
+        }
+        request
+    }
+}
+
+/// `N` of `/sleep?ms=N`.
+fn sleep_ms(target: &str) -> Option<u64> {
+    let (path, query) = target.split_once('?')?;
+    if path != "/sleep" {
+        return None;
+    }
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms=")?.parse().ok())
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// Reads up to the end of a request head (pipelined bytes stay in `buf`). `None` when the
+/// client closed, or when no request had started to arrive for `IDLE_AFTER_SHUTDOWN`
+/// after shutdown began.
 fn read_head(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
@@ -248,12 +340,7 @@ fn read_head(
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(None),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 if buf.is_empty() && state.shutting_down.load(Ordering::SeqCst) {
                     let since = *idle_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= IDLE_AFTER_SHUTDOWN {
@@ -261,39 +348,25 @@ fn read_head(
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
 }
 
-fn discard_body(stream: &mut TcpStream, buf: &mut Vec<u8>, mut len: usize) -> io::Result<()> {
-    let take = len.min(buf.len());
-    buf.drain(..take);
-    len -= take;
+/// Reads and drops a request body of `len` bytes, part of which may be in `buf` already.
+fn discard(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    let buffered = len.min(buf.len());
+    buf.drain(..buffered);
+    let mut left = len - buffered;
     let mut chunk = [0u8; 4096];
-    while len > 0 {
-        match stream.read(&mut chunk[..len.min(4096)]) {
+    while left > 0 {
+        let want = left.min(chunk.len());
+        match stream.read(&mut chunk[..want]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => len -= n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Ok(n) => left -= n,
+            Err(e) if timed_out(&e) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
-}
-
-/// `N` of `/sleep?ms=N`.
-fn sleep_ms(target: &str) -> Option<u64> {
-    let (path, query) = target.split_once('?')?;
-    if path != "/sleep" {
-        return None;
-    }
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("ms=")?.parse().ok())
 }

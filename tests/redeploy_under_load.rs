@@ -6,14 +6,14 @@ mod common;
 #[path = "load/mod.rs"]
 mod load;
 
-use common::{privileged, Netns};
+use common::{require_root, Netns};
 use std::time::{Duration, Instant};
 
 const DEPLOYS: usize = 20;
 
 #[test]
 fn twenty_redeploys_under_load_drop_nothing() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{get, pid_of, privileged, Netns};
+use common::{get, pid_of, require_root, Netns};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,7 +73,7 @@ impl Probe {
 
 #[test]
 fn eight_concurrent_deploys_leave_one_rule_set_and_one_instance() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -122,7 +122,7 @@ fn eight_concurrent_deploys_leave_one_rule_set_and_one_instance() {
 
 #[test]
 fn fifteen_deploys_succeed_while_iptables_nft_edits_the_same_chains() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -255,7 +255,7 @@ fn thief(ns: &Netns, stop: &AtomicBool) -> u64 {
 
 #[test]
 fn a_busy_foreign_netlink_writer_cannot_starve_the_switch() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -294,7 +294,7 @@ fn a_busy_foreign_netlink_writer_cannot_starve_the_switch() {
 
 #[test]
 fn commits_get_through_while_another_writer_deletes_their_rules() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -324,7 +324,7 @@ fn commits_get_through_while_another_writer_deletes_their_rules() {
 
 #[test]
 fn a_batch_whose_handle_vanished_applies_nothing() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -374,7 +374,7 @@ fn stale_handle(conn: &mut Conn) -> switcheroo_sys::Handle {
 
 #[test]
 fn a_reused_pid_is_never_signalled_and_go_format_rules_are_replaced() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -432,7 +432,7 @@ fn a_reused_pid_is_never_signalled_and_go_format_rules_are_replaced() {
 
 #[test]
 fn a_crash_before_commit_leaves_nothing_and_after_commit_is_replaced() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -488,7 +488,7 @@ fn ruleset(ns: &Netns) -> String {
 
 #[test]
 fn bad_input_is_a_typed_error_and_changes_nothing() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -526,7 +526,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
 
 #[test]
 fn without_cap_net_admin_nothing_changes_and_the_error_says_why() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -548,7 +548,7 @@ fn without_cap_net_admin_nothing_changes_and_the_error_says_why() {
 
 #[test]
 fn a_non_root_user_with_only_net_admin_and_kill_can_deploy() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();

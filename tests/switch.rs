@@ -1,136 +1,189 @@
 //! The switch as a user sees it: `hello` instances as real processes in a throwaway
-//! network namespace, clients on loopback and on a second namespace behind a veth pair.
+//! network namespace, clients on loopback and in a second namespace behind a veth pair,
+//! and the ruleset as `iptables-nft-save` prints it.
 
 mod common;
 
-use common::{expected_rule, get, pid_of, privileged, Netns};
+use common::{
+    expected_rule, get, pid_of, require_root, start_time, Hello, KeepAlive, Netns, TempPath,
+};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switcheroo::{Chain, Family, Switcheroo};
 
 fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
+    s.parse().expect("socket address")
 }
 
+/// The pid of the instance that answers `GET /` on `target`, from inside `ns`.
 fn answering_pid(ns: &Netns, target: &str) -> u32 {
     let target = addr(target);
-    let (status, body) = ns.enter(|| get(target, "/")).expect("request");
-    assert_eq!(status, 200, "{body}");
+    let (status, body) = ns
+        .enter(|| get(target, "/"))
+        .unwrap_or_else(|e| panic!("GET / on {target} from {}: {e}", ns.name));
+    assert_eq!(status, 200, "{target}: {body}");
     pid_of(&body)
 }
 
+const LOCAL: [&str; 2] = ["127.0.0.1:8080", "[::1]:8080"];
+/// The server namespace's veth addresses, as seen from the peer namespace.
+const REMOTE: [&str; 2] = ["192.0.2.1:8080", "[2001:db8::1]:8080"];
+
 #[test]
 fn second_instance_takes_over_for_loopback_and_network_clients() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
     let peer = ns.peer();
-    let local = ["127.0.0.1:8080", "[::1]:8080"];
-    let remote = ["192.0.2.1:8080", "[2001:db8::1]:8080"];
 
     let mut first = ns.hello(&[]);
-    for t in local {
-        assert_eq!(answering_pid(&ns, t), first.pid, "{t}");
+    for t in LOCAL {
+        assert_eq!(answering_pid(&ns, t), first.pid, "{t} from the host");
     }
-    for t in remote {
-        assert_eq!(
-            answering_pid(&peer, t),
-            first.pid,
-            "{t} from the peer namespace"
-        );
+    for t in REMOTE {
+        assert_eq!(answering_pid(&peer, t), first.pid, "{t} from the network");
     }
 
     let second = ns.hello(&[]);
-    for t in local {
-        assert_eq!(answering_pid(&ns, t), second.pid, "{t}");
+    assert_ne!(second.port, first.port, "a fresh internal port");
+    for t in LOCAL {
+        assert_eq!(answering_pid(&ns, t), second.pid, "{t} from the host");
     }
-    for t in remote {
-        assert_eq!(
-            answering_pid(&peer, t),
-            second.pid,
-            "{t} from the peer namespace"
-        );
+    for t in REMOTE {
+        assert_eq!(answering_pid(&peer, t), second.pid, "{t} from the network");
     }
-    let status = first
-        .wait_exit(Duration::from_secs(15))
-        .expect("first instance exits");
+    first.expect_clean_exit("the replaced instance");
     assert!(
-        status.success(),
-        "first instance exited with {status}: {:?}",
+        first.log.iter().any(|l| l.starts_with("signal 15:")),
+        "the replaced instance left because of SIGTERM: {:?}",
         first.log
     );
 }
 
 #[test]
 fn slow_request_in_flight_finishes_on_the_old_instance() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
     let mut first = ns.hello(&[]);
-    let (body, second_pid) = std::thread::scope(|s| {
-        let slow = s.spawn(|| ns.enter(|| get(addr("127.0.0.1:8080"), "/sleep?ms=1500")));
+    let (slow, second, first_alive_after_commit) = std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            let started = Instant::now();
+            let response = ns.enter(|| get(addr("127.0.0.1:8080"), "/sleep?ms=1500"));
+            (response, started.elapsed())
+        });
+        // The request is on its way to the first instance when the second one commits.
         std::thread::sleep(Duration::from_millis(300));
         let second = ns.hello(&[]);
-        let (status, body) = slow.join().unwrap().expect("slow request answered");
-        assert_eq!(status, 200);
-        let pid = second.pid;
-        std::mem::forget(second); // killed with the namespace
-        (body, pid)
+        let first_alive = first.child.try_wait().expect("try_wait").is_none();
+        (slow.join().expect("client thread"), second, first_alive)
     });
+    assert!(
+        first_alive_after_commit,
+        "the old instance was still running when the new one had committed"
+    );
+    let ((status, body), took) = (slow.0.expect("the slow request is answered"), slow.1);
+    assert_eq!(status, 200, "{body}");
     assert_eq!(
         pid_of(&body),
         first.pid,
         "the slow request stays with the old instance"
     );
-    assert_ne!(first.pid, second_pid);
-    let status = first
-        .wait_exit(Duration::from_secs(15))
-        .expect("old instance exits");
-    assert!(status.success());
-    assert_eq!(answering_pid(&ns, "127.0.0.1:8080"), second_pid);
+    assert!(
+        took >= Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+    first.expect_clean_exit("the old instance, after answering");
+    assert_eq!(answering_pid(&ns, "127.0.0.1:8080"), second.pid);
+}
+
+#[test]
+fn keep_alive_connections_get_connection_close_then_are_closed() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut first = ns.hello(&[]);
+    let (mut busy, mut idle) = ns.enter(|| {
+        let open = || KeepAlive::connect(addr("127.0.0.1:8080")).expect("connect");
+        (open(), open())
+    });
+    for conn in [&mut busy, &mut idle] {
+        let r = conn.get("/").expect("first request");
+        assert_eq!(
+            (r.status, pid_of(&r.body), r.close),
+            (200, first.pid, false)
+        );
+    }
+
+    let second = ns.hello(&[]);
+    // Printed by the old instance once it is shutting down.
+    first.line("signal 15:");
+    // The next request on an open connection is still answered by the old instance, which
+    // says it is the last one and closes.
+    let r = busy.get("/").expect("request after the switch");
+    assert_eq!((r.status, pid_of(&r.body)), (200, first.pid));
+    assert!(r.close, "the response says Connection: close: {r:?}");
+    assert!(
+        busy.closed_by_server_within(Duration::from_secs(2)),
+        "the server closed the connection after that response"
+    );
+    // A connection with no request in progress is closed by the server after a short wait.
+    let waiting = Instant::now();
+    assert!(
+        idle.closed_by_server_within(Duration::from_secs(5)),
+        "the idle keep-alive connection was closed"
+    );
+    eprintln!("idle connection closed after {:?}", waiting.elapsed());
+    first.expect_clean_exit("the old instance");
+    // The client's next connection reaches the new instance.
+    let mut next = ns.enter(|| KeepAlive::connect(addr("127.0.0.1:8080")).expect("connect"));
+    let r = next.get("/").expect("request on a new connection");
+    assert_eq!((pid_of(&r.body), r.close), (second.pid, false));
 }
 
 #[test]
 fn iptables_nft_save_prints_exactly_our_rule_per_chain() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
-    let mut first = ns.hello(&["--namespace", "web"]);
-    let second = ns.hello(&["--namespace", "web"]);
-    first
-        .wait_exit(Duration::from_secs(15))
-        .expect("first exits");
-    for v6 in [false, true] {
-        let ours: Vec<String> = ns
-            .save(v6)
-            .lines()
-            .filter(|l| l.contains("SWITCHEROO"))
-            .map(str::to_owned)
-            .collect();
-        assert_eq!(
-            ours,
-            vec![
-                expected_rule("PREROUTING", "web", &second, 8080),
-                expected_rule("OUTPUT", "web", &second, 8080),
-            ],
-            "ip{}tables-nft-save",
-            if v6 { "6" } else { "" }
-        );
+    let mut previous: Option<Hello> = None;
+    for round in 0..3 {
+        let current = ns.hello(&["--namespace", "web"]);
+        for (v6, tool) in [(false, "iptables-nft-save"), (true, "ip6tables-nft-save")] {
+            let mut ours: Vec<String> = ns
+                .save(v6)
+                .lines()
+                .filter(|l| l.contains("SWITCHEROO"))
+                .map(str::to_owned)
+                .collect();
+            ours.sort();
+            let mut expected = vec![
+                expected_rule("PREROUTING", "web", &current, 8080),
+                expected_rule("OUTPUT", "web", &current, 8080),
+            ];
+            expected.sort();
+            assert_eq!(ours, expected, "{tool} after deploy {}", round + 1);
+        }
+        if let Some(mut old) = previous.replace(current) {
+            old.expect_clean_exit("the replaced instance");
+        }
     }
 }
 
 #[test]
 fn foreign_rules_survive_every_switch() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
     for rule in [
         "iptables-nft -t nat -A PREROUTING -p tcp --dport 9999 -j REDIRECT --to-ports 9998",
-        "iptables-nft -t nat -A OUTPUT -p udp --dport 53 -j RETURN -m comment --comment dns",
+        "iptables-nft -t nat -A OUTPUT -p udp --dport 53 -j RETURN",
+        "iptables-nft -t nat -I OUTPUT -p tcp --dport 8080 -d 203.0.113.7 -j RETURN",
         "ip6tables-nft -t nat -A PREROUTING -p tcp --dport 9999 -j REDIRECT --to-ports 9998",
         "ip6tables-nft -t nat -A OUTPUT -p udp --dport 53 -j RETURN -m comment --comment dns",
     ] {
@@ -143,19 +196,22 @@ fn foreign_rules_survive_every_switch() {
             .collect()
     };
     let before = foreign(&ns);
-    assert_eq!(before.len(), 4);
+    assert_eq!(before.len(), 5, "{before:?}");
 
     let _a = ns.hello(&[]);
-    assert_eq!(foreign(&ns), before);
-    // A foreign rule inserted at the head, above ours, between switches.
+    assert_eq!(foreign(&ns), before, "after the first deploy");
+    // Foreign rules added between switches, at the head (above ours) and at the tail.
     ns.run("iptables-nft -t nat -I PREROUTING -p tcp --dport 7777 -j RETURN");
+    ns.run("iptables-nft -t nat -A OUTPUT -p tcp --dport 7778 -j RETURN");
     ns.run("ip6tables-nft -t nat -I OUTPUT -p tcp --dport 7777 -j RETURN");
+    ns.run("ip6tables-nft -t nat -A PREROUTING -p tcp --dport 7778 -j RETURN");
     let between = foreign(&ns);
-    assert_eq!(between.len(), 6);
+    assert_eq!(between.len(), 9, "{between:?}");
     let _b = ns.hello(&[]);
-    assert_eq!(foreign(&ns), between);
+    assert_eq!(foreign(&ns), between, "after the second deploy");
     let c = ns.hello(&[]);
-    assert_eq!(foreign(&ns), between);
+    assert_eq!(foreign(&ns), between, "after the third deploy");
+
     let ours: Vec<String> = ns
         .rule_lines()
         .into_iter()
@@ -163,47 +219,63 @@ fn foreign_rules_survive_every_switch() {
         .collect();
     assert_eq!(ours.len(), 4, "one rule per (family, chain): {ours:?}");
     assert!(
-        ours.iter().all(|l| l.contains(&format!("pid={}:", c.pid))),
+        ours.iter().all(|l| l.contains(&format!(":pid={}:", c.pid))),
         "{ours:?}"
     );
 }
 
 #[test]
 fn a_switch_executes_no_program() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
-    let mut first = ns.hello(&[]);
-    let trace = std::env::temp_dir().join(format!("switcheroo-exec-{}", ns.name));
-    let trace_s = trace.to_str().unwrap().to_owned();
-    let second = ns.hello_with(
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "-e",
-            "trace=execve,execveat",
-            "-o",
-            &trace_s,
-        ],
-        &[],
+    let (old_trace, new_trace) = (
+        TempPath::new(&ns, "old.strace"),
+        TempPath::new(&ns, "new.strace"),
     );
-    // The traced instance did a real switch: it removed the first instance's rules.
-    first
-        .wait_exit(Duration::from_secs(15))
-        .expect("first instance exits");
-    assert_eq!(answering_pid(&ns, "127.0.0.1:8080"), second.pid);
-    let text = std::fs::read_to_string(&trace).expect("strace output");
-    let _ = std::fs::remove_file(&trace);
-    let execs: Vec<&str> = text.lines().filter(|l| l.contains("execve")).collect();
-    assert_eq!(execs.len(), 1, "only hello itself was executed:\n{text}");
-    assert!(execs[0].contains("examples/hello"), "{text}");
+    let strace = |file: &TempPath| {
+        ns.hello_with(
+            &[
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=execve,execveat",
+                "-o",
+                file.as_str(),
+            ],
+            &[],
+        )
+    };
+    // Both sides of a switch are traced: the new instance's commit and signal, and the old
+    // instance's drain and exit.
+    let mut old = strace(&old_trace);
+    let mut new = strace(&new_trace);
+    old.expect_clean_exit("the traced old instance");
+    assert_eq!(answering_pid(&ns, "127.0.0.1:8080"), new.pid);
+    // Stopped cleanly, so that strace writes out its trace.
+    let status = new.terminate().expect("the traced new instance exits");
+    assert!(status.success(), "{status}: {:?}", new.log);
+
+    for (file, who) in [(&old_trace, "old"), (&new_trace, "new")] {
+        let text = std::fs::read_to_string(&file.0).expect("strace output");
+        let execs: Vec<&str> = text.lines().filter(|l| l.contains("exec")).collect();
+        assert_eq!(
+            execs.len(),
+            1,
+            "the {who} instance executed only itself:\n{text}"
+        );
+        assert!(
+            execs[0].contains("examples/hello\"") && execs[0].ends_with("= 0"),
+            "{text}"
+        );
+    }
 }
 
 #[test]
 fn rules_and_cleanup_through_the_library() {
-    if !privileged() {
+    if !require_root() {
         return;
     }
     let ns = Netns::new();
@@ -216,36 +288,56 @@ fn rules_and_cleanup_through_the_library() {
         "--range",
         "41000-41099",
     ]);
+    assert_eq!(answering_pid(&ns, "127.0.0.1:8080"), hello.pid);
+
+    // The library opens its netlink socket in the calling thread's namespace.
     let (rules, removed, after) = ns.enter(|| {
-        let sw = Switcheroo::builder("lib", 8080).build().unwrap();
-        let rules = sw.rules().unwrap();
-        let removed = sw.cleanup().unwrap();
-        (rules, removed, sw.rules().unwrap())
+        let sw = Switcheroo::builder("lib", 8080).build().expect("build");
+        let rules = sw.rules().expect("rules");
+        let removed = sw.cleanup().expect("cleanup");
+        (rules, removed, sw.rules().expect("rules after cleanup"))
     });
-    assert_eq!(rules.len(), 4);
+    assert_eq!(rules.len(), 4, "{rules:#?}");
     for family in [Family::Ipv4, Family::Ipv6] {
         for chain in [Chain::Prerouting, Chain::Output] {
             let r = rules
                 .iter()
                 .find(|r| r.family == family && r.chain == chain)
-                .expect("rule");
+                .unwrap_or_else(|| panic!("no {family:?} {chain:?} rule in {rules:#?}"));
             assert_eq!(
-                (r.public_port, r.internal_port, r.pid),
-                (8080, hello.port, Some(hello.pid))
+                (
+                    r.namespace.as_str(),
+                    r.public_port,
+                    r.internal_port,
+                    r.pid,
+                    r.start,
+                    r.alive
+                ),
+                (
+                    "lib",
+                    8080,
+                    hello.port,
+                    Some(hello.pid),
+                    Some(start_time(hello.pid)),
+                    true
+                ),
+                "{r:#?}"
             );
-            assert!(r.alive);
         }
     }
     assert_eq!(removed, 4);
-    assert!(after.is_empty());
-    // The other namespace's rules are untouched.
+    assert!(after.is_empty(), "{after:#?}");
+
+    // Gone from the kernel: iptables-nft-save no longer shows them, and 8080 leads nowhere.
     let lines = ns.rule_lines();
-    assert!(lines.iter().all(|l| !l.contains("ns=lib:")), "{lines:?}");
-    assert_eq!(
-        lines
-            .iter()
-            .filter(|l| l.contains(&format!("ns=other:port={}", other.port)))
-            .count(),
-        4
-    );
+    assert!(lines.iter().all(|l| !l.contains("ns=lib:")), "{lines:#?}");
+    let refused = ns.enter(|| get(addr("127.0.0.1:8080"), "/")).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    // The other namespace's rules are untouched and still route.
+    let others = lines
+        .iter()
+        .filter(|l| l.contains(&format!("ns=other:port={}:", other.port)))
+        .count();
+    assert_eq!(others, 4, "{lines:#?}");
+    assert_eq!(answering_pid(&ns, "127.0.0.1:9090"), other.pid);
 }

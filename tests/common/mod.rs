@@ -1,31 +1,59 @@
 //! Test harness: throwaway network namespaces, `hello` instances as real processes, and
 //! small HTTP clients that run inside a namespace.
+//!
+//! Nothing here touches the ruleset of the machine's own network namespace: every command
+//! that reads or edits nftables runs through `ip netns exec` in a namespace made for the
+//! test, and every socket is opened by a thread that entered that namespace.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Whether privileged tests can run. Without root they skip with a reason, except under
-/// CI (`CI=true`), where a skip would make a green run meaningless: there they fail.
-pub fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
+/// Whether the privileged tests can run here: root, and allowed to create network
+/// namespaces (a root without CAP_SYS_ADMIN, e.g. in an unprivileged container, is not).
+/// If not, the test prints `skipped: <reason>` and returns early, except under CI
+/// (`CI=true`), where a skip would make a green run meaningless: there it fails.
+pub fn require_root() -> bool {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    let probe = PROBE.get_or_init(|| {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("needs root (network namespaces and nftables)".into());
+        }
+        let name = format!("sw-probe-{}", std::process::id());
+        let added = Command::new("ip").args(["netns", "add", &name]).output();
+        match added {
+            Ok(out) if out.status.success() => {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                Ok(())
+            }
+            Ok(out) => Err(format!(
+                "`ip netns add` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run `ip` (iproute2): {e}")),
+        }
+    });
+    match probe {
+        Ok(()) => true,
+        Err(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{reason}; CI=true forbids skipping")
+        }
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            false
+        }
     }
-    let reason = "needs root (network namespaces and nftables)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{reason}, and CI=true forbids skipping");
-    }
-    eprintln!("skipped: {reason}");
-    false
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace made for one test and deleted, with everything in it, on drop.
+/// A network namespace made for one test (`sw-<pid>-<n>`, loopback up). Dropping it kills
+/// every process inside and deletes it, also when the test panics.
 pub struct Netns {
     pub name: String,
 }
@@ -33,42 +61,54 @@ pub struct Netns {
 impl Netns {
     pub fn new() -> Netns {
         let name = format!(
-            "swt-{}-{}",
+            "sw-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        run_ok("ip", &["netns", "add", &name]);
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip netns add");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ns = Netns { name };
         ns.ok(&["ip", "link", "set", "lo", "up"]);
         ns
     }
 
-    /// Runs a command inside the namespace.
+    /// Runs a command inside the namespace and returns what it did.
     pub fn exec(&self, args: &[&str]) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("ip netns exec {args:?}: {e}"))
+            .unwrap_or_else(|e| panic!("ip netns exec {} {args:?}: {e}", self.name))
     }
 
-    /// Runs a command inside the namespace, asserts success, returns stdout.
+    /// Runs a command inside the namespace, asserts that it succeeded, returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.exec(args);
         assert!(
             out.status.success(),
-            "{args:?} failed: {}",
+            "{args:?} in {} failed ({}): {}",
+            self.name,
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Runs a command line (split on spaces) inside the namespace, asserts success.
+    /// [`Netns::ok`] for a command line without quoting (split on spaces).
     pub fn run(&self, line: &str) -> String {
         self.ok(&line.split(' ').collect::<Vec<_>>())
     }
 
-    /// `iptables-nft-save -t nat` (or ip6tables-nft-save) inside the namespace.
+    /// `iptables-nft-save -t nat` (`ip6tables-nft-save` for `v6`) inside the namespace,
+    /// stdout and stderr together. Fails the test if the tool fails or calls the table
+    /// incompatible (what iptables-nft says of a table with rules it cannot represent).
     pub fn save(&self, v6: bool) -> String {
         let tool = if v6 {
             "ip6tables-nft-save"
@@ -81,7 +121,7 @@ impl Netns {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "{tool}: {text}");
+        assert!(out.status.success(), "{tool} failed: {text}");
         assert!(
             !text.contains("incompatible"),
             "{tool} calls the table incompatible:\n{text}"
@@ -89,13 +129,12 @@ impl Netns {
         text
     }
 
-    /// The rule lines (`-A ...`) of both save outputs.
+    /// The rule lines (`-A ...`) of both save outputs, each prefixed with `ip ` or `ip6 `.
     pub fn rule_lines(&self) -> Vec<String> {
-        [false, true]
-            .iter()
-            .flat_map(|v6| {
-                let family = if *v6 { "ip6" } else { "ip" };
-                self.save(*v6)
+        [(false, "ip"), (true, "ip6")]
+            .into_iter()
+            .flat_map(|(v6, family)| {
+                self.save(v6)
                     .lines()
                     .filter(|l| l.starts_with("-A "))
                     .map(|l| format!("{family} {l}"))
@@ -104,69 +143,91 @@ impl Netns {
             .collect()
     }
 
-    /// Runs `f` on a thread that has entered the namespace (setns(2) affects only the
-    /// calling thread, and threads it spawns inherit it).
+    /// Runs `f` on a thread that entered the namespace with setns(2), which moves only the
+    /// calling thread; sockets it opens (TCP clients, the library's netlink socket) belong
+    /// to the namespace for their whole life, whichever thread uses them later.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let file = std::fs::File::open(&path).expect("open netns");
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let file =
+                    std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
                 f()
             })
             .join()
-            .expect("thread in namespace panicked")
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
-    /// Starts `hello` in the namespace and waits for its ready line.
+    /// Starts `hello` with `args` in the namespace and waits for its ready line.
     pub fn hello(&self, args: &[&str]) -> Hello {
         self.hello_with(&[], args)
     }
 
-    /// Starts `hello` under `wrapper` (e.g. strace and its options).
+    /// Starts `hello` under `wrapper` (e.g. `strace` and its options, or `setpriv ...`).
     pub fn hello_with(&self, wrapper: &[&str], args: &[&str]) -> Hello {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
             .args(wrapper)
             .arg(example("hello"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(args);
         Hello::start(cmd)
     }
 
-    /// A second namespace joined to this one by a veth pair: this side 192.0.2.1/24 and
-    /// 2001:db8::1/64, the peer .2 and ::2 (documentation ranges; the traffic never leaves
-    /// the two namespaces).
+    /// A second namespace joined to this one by a veth pair, so that its clients reach
+    /// this one "from the network" (through PREROUTING). Documentation ranges only: this
+    /// side 192.0.2.1/24 and 2001:db8::1/64, the peer 192.0.2.2/24 and 2001:db8::2/64.
     pub fn peer(&self) -> Netns {
         let peer = Netns::new();
-        let (a, b) = (
-            format!("va{}", COUNTER.load(Ordering::SeqCst)),
-            format!("vb{}", COUNTER.load(Ordering::SeqCst)),
-        );
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let (here, there) = (format!("swa{n}"), format!("swb{n}"));
         self.ok(&[
-            "ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &peer.name,
+            "ip", "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &peer.name,
         ]);
-        self.ok(&["ip", "addr", "add", "192.0.2.1/24", "dev", &a]);
-        self.ok(&["ip", "addr", "add", "2001:db8::1/64", "dev", &a, "nodad"]);
-        self.ok(&["ip", "link", "set", &a, "up"]);
-        peer.ok(&["ip", "addr", "add", "192.0.2.2/24", "dev", &b]);
-        peer.ok(&["ip", "addr", "add", "2001:db8::2/64", "dev", &b, "nodad"]);
-        peer.ok(&["ip", "link", "set", &b, "up"]);
+        for (ns, dev, v4, v6) in [
+            (self, &here, "192.0.2.1/24", "2001:db8::1/64"),
+            (&peer, &there, "192.0.2.2/24", "2001:db8::2/64"),
+        ] {
+            ns.ok(&["ip", "addr", "add", v4, "dev", dev]);
+            // nodad: the address is usable at once instead of after duplicate detection.
+            ns.ok(&["ip", "-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            ns.ok(&["ip", "link", "set", dev, "up"]);
+        }
         peer
+    }
+
+    /// The pids of the processes in the namespace.
+    pub fn pids(&self) -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() || Instant::now() > deadline {
+                break;
             }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
@@ -174,90 +235,128 @@ impl Drop for Netns {
     }
 }
 
-fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The path of an example binary built by `cargo test` next to the test binary.
-pub fn example(name: &str) -> std::path::PathBuf {
+/// The path of an example binary: `target/<profile>/deps/<test>` runs the tests, so the
+/// example is `target/<profile>/examples/<name>`. `cargo test` builds examples only as
+/// test harnesses, so the binary is built (or brought up to date: a stale `hello` would
+/// test old code) here, once per test process, by the cargo that runs the tests.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
+    let profile_dir = exe
         .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let path = dir.join("examples").join(name);
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lives in target/<profile>/deps");
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var_os("CARGO")
+            .or_else(|| option_env!("CARGO").map(Into::into))
+            .unwrap_or_else(|| "cargo".into());
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let out = Command::new(&cargo)
+            .args(["build", "--example", name, "--profile", profile])
+            .args(["--manifest-path", manifest])
+            .output()
+            .unwrap_or_else(|e| panic!("running {cargo:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "building example {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        built.push(name.to_owned());
+    }
+    let path = profile_dir.join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the examples",
+        "{} is missing after the build",
         path.display()
     );
     path
 }
 
-/// A running `hello`.
+/// A running `hello`, started by [`Netns::hello`]. Dropping it kills the process.
 pub struct Hello {
     pub child: Child,
+    /// The pid of hello itself (from its ready line; differs from the child's under a wrapper).
     pub pid: u32,
+    /// Its internal port.
     pub port: u16,
     lines: mpsc::Receiver<String>,
+    /// What it printed so far, stdout and stderr interleaved.
     pub log: Vec<String>,
 }
 
 impl Hello {
-    // The child moves into the returned Hello, whose Drop kills and waits for it.
+    /// Spawns `cmd` and waits up to 10 s for `ready pid=P port=Q`; fails the test with the
+    /// process's output if it does not come.
+    // The child moves into the returned Hello, whose Drop kills and reaps it.
     #[allow(clippy::zombie_processes)]
     pub fn start(mut cmd: Command) -> Hello {
-        let mut child = cmd.spawn().expect("spawn hello");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let (tx, rx) = mpsc::channel();
-        for out in [
-            Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("piped")),
-        ] {
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped"));
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped"));
+        for stream in [out, err] {
             let tx = tx.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
             });
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let mut log = Vec::new();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("ready pid=") {
-                        let (pid, port) = rest.split_once(" port=").expect("ready line");
-                        return Hello {
-                            pid: pid.parse().expect("pid"),
-                            port: port.trim().parse().expect("port"),
-                            child,
-                            lines: rx,
-                            log,
-                        };
-                    }
-                    log.push(line);
-                }
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
                 Err(_) => {
                     let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("hello printed no ready line; it said: {log:?}");
+                    let status = child.wait();
+                    while let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+                        log.push(line);
+                    }
+                    panic!(
+                        "{cmd:?} printed no ready line within 10 s (exit: {status:?}); it said:\n{}",
+                        log.join("\n")
+                    );
                 }
+            };
+            if let Some(rest) = line.strip_prefix("ready pid=") {
+                let parsed = rest
+                    .split_once(" port=")
+                    .and_then(|(pid, port)| Some((pid.parse().ok()?, port.trim().parse().ok()?)));
+                let (pid, port) = parsed.unwrap_or_else(|| panic!("bad ready line {line:?}"));
+                log.push(line);
+                return Hello {
+                    child,
+                    pid,
+                    port,
+                    lines: rx,
+                    log,
+                };
             }
+            log.push(line);
         }
     }
 
-    /// Waits for a line of output that starts with `prefix` (seen before or after the
-    /// ready line: stdout and stderr are read by separate threads).
+    fn collect(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+    }
+
+    /// Waits up to 10 s for a line of output that starts with `prefix` and returns it
+    /// (stdout and stderr are read by separate threads, so order across them is loose).
     pub fn line(&mut self, prefix: &str) -> String {
         if let Some(l) = self.log.iter().find(|l| l.starts_with(prefix)) {
             return l.clone();
@@ -272,26 +371,51 @@ impl Hello {
                 return l;
             }
         }
-        panic!("no line starting with {prefix:?}; output: {:?}", self.log);
+        panic!(
+            "pid {}: no line starting with {prefix:?}; output:\n{}",
+            self.pid,
+            self.log.join("\n")
+        );
     }
 
-    /// Waits for the process to exit.
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                while let Ok(line) = self.lines.try_recv() {
+                // The reader threads see EOF right after the exit; take their last lines.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
                     self.log.push(line);
                 }
                 return Some(status);
             }
             if Instant::now() >= deadline {
+                self.collect();
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
+    /// Waits up to 15 s for a clean exit (status 0) and fails the test with the output
+    /// otherwise.
+    pub fn expect_clean_exit(&mut self, what: &str) {
+        match self.wait_exit(Duration::from_secs(15)) {
+            Some(status) => assert!(
+                status.success(),
+                "{what} (pid {}) exited with {status}; output:\n{}",
+                self.pid,
+                self.log.join("\n")
+            ),
+            None => panic!(
+                "{what} (pid {}) still runs after 15 s; output:\n{}",
+                self.pid,
+                self.log.join("\n")
+            ),
+        }
+    }
+
+    /// Sends SIGTERM and waits up to 15 s for the exit.
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid as i32),
@@ -308,31 +432,137 @@ impl Drop for Hello {
     }
 }
 
-/// `GET path` over a new connection; returns (status, body). Call inside a namespace.
-pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
+/// An HTTP response as the clients below read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Whether it carried `Connection: close`.
+    pub close: bool,
+    pub body: String,
+}
+
+/// Reads one response: status line, headers, then a body of `Content-Length` bytes.
+fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status in {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+        .ok_or_else(|| bad(format!("bad status line {line:?}")))?;
+    let (mut len, mut close) = (None, false);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(bad(format!("bad header {header:?}")));
+        };
+        if name.eq_ignore_ascii_case("content-length") {
+            len = value.trim().parse::<usize>().ok();
+        } else if name.eq_ignore_ascii_case("connection") {
+            close = value.trim().eq_ignore_ascii_case("close");
+        }
+    }
+    let len = len.ok_or_else(|| bad("no Content-Length".into()))?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    let body = String::from_utf8(body).map_err(|e| bad(e.to_string()))?;
+    Ok(Response {
+        status,
+        close,
+        body,
+    })
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_write_timeout(Some(READ_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// `GET path` over a new connection (`Connection: close`); returns (status, body). Call
+/// it inside a namespace ([`Netns::enter`]).
+pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: switcheroo\r\nConnection: close\r\n\r\n"
+    )?;
+    let response = read_response(&mut BufReader::new(stream))?;
+    Ok((response.status, response.body))
+}
+
+/// A keep-alive HTTP/1.1 connection: requests in turn over one TCP connection.
+pub struct KeepAlive {
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    /// Connects; call it inside a namespace ([`Netns::enter`]). The connection can then be
+    /// used from any thread.
+    pub fn connect(addr: SocketAddr) -> io::Result<KeepAlive> {
+        Ok(KeepAlive {
+            reader: BufReader::new(connect(addr)?),
+        })
+    }
+
+    /// `GET path` on this connection.
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        write!(
+            self.reader.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: switcheroo\r\n\r\n"
+        )?;
+        read_response(&mut self.reader)
+    }
+
+    /// Waits up to `timeout` for the server to close the connection without sending
+    /// anything more; false if it stayed open (or sent bytes).
+    pub fn closed_by_server_within(&mut self, timeout: Duration) -> bool {
+        let stream = self.reader.get_mut();
+        if stream.set_read_timeout(Some(timeout)).is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(self.reader.read(&mut byte), Ok(0))
+    }
+}
+
+/// A path in the temporary directory, named after `ns` and `what`, removed when dropped
+/// (also when the test panics).
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    pub fn new(ns: &Netns, what: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(format!("{}-{what}", ns.name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Sets a flag when dropped, so that helper threads of a scope stop even when the test
 /// body panics (a scope joins its threads before the panic propagates).
-pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+pub struct StopOnDrop<'a>(pub &'a AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
@@ -340,7 +570,7 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-/// The pid named by a hello body.
+/// The pid named by a hello body (`hello from pid <pid> port <port>`).
 pub fn pid_of(body: &str) -> u32 {
     body.strip_prefix("hello from pid ")
         .and_then(|r| r.split_whitespace().next())
@@ -348,24 +578,26 @@ pub fn pid_of(body: &str) -> u32 {
         .unwrap_or_else(|| panic!("not a hello body: {body:?}"))
 }
 
-/// Field 22 of /proc/<pid>/stat: the process start time the rule comment carries.
+/// Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), which the rule
+/// comment carries. Field 2 is `(comm)` and may hold spaces and parentheses, so the
+/// fields are counted from after the last `)`: field 3 is the first one there.
 pub fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let rest = &stat[stat.rfind(')').expect("comm") + 1..];
-    rest.split_whitespace()
-        .nth(19)
-        .expect("field 22")
-        .parse()
-        .expect("number")
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    let after_comm = &stat[stat.rfind(')').expect("(comm) in stat") + 1..];
+    after_comm
+        .split_whitespace()
+        .nth(22 - 3)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("no field 22 in {stat:?}"))
 }
 
-/// The line iptables-nft-save prints for our rule.
+/// The line `iptables-nft-save` prints for the rule of `hello` in `chain`.
 pub fn expected_rule(chain: &str, ns: &str, h: &Hello, public: u16) -> String {
     format!(
-        "-A {chain} -p tcp -m tcp --dport {public} -m addrtype --dst-type LOCAL -m comment --comment \"SWITCHEROO:ns={ns}:port={}:pid={}:start={}\" -j REDIRECT --to-ports {}",
-        h.port,
-        h.pid,
-        start_time(h.pid),
-        h.port
+        "-A {chain} -p tcp -m tcp --dport {public} -m addrtype --dst-type LOCAL -m comment --comment \"SWITCHEROO:ns={ns}:port={port}:pid={pid}:start={start}\" -j REDIRECT --to-ports {port}",
+        port = h.port,
+        pid = h.pid,
+        start = start_time(h.pid),
     )
 }
