@@ -15,6 +15,10 @@
 //! carries `Connection: close`), closes keep-alive connections that stay idle, and exits 0.
 //! On error it prints `error: <message>` on stderr and exits 1.
 //!
+//! Run by `switcheroo run` (socket activation: `LISTEN_FDS`/`LISTEN_PID` name it), it
+//! serves the socket on fd 3 instead, switches nothing itself, sends `READY=1` to
+//! `NOTIFY_SOCKET` when that is set, and drains the same way on SIGTERM.
+//!
 //! Two flags exist for tests and benchmarks: `--hold-ms N` waits N ms between `begin` and
 //! `commit` (to show that a crash in between leaves the ruleset alone), and `--no-drain`
 //! stops accepting at once on SIGTERM (to measure what the drain prevents).
@@ -121,13 +125,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // SIGTERM stays pending for `shutdown.wait()` instead of killing the process.
     let shutdown = Shutdown::install()?;
     let args = parse_args()?;
-    let mut builder = Switcheroo::builder(args.namespace.as_str(), args.port);
-    if let Some((min, max)) = args.range {
-        builder = builder.port_range(min..=max);
-    }
-    let sw = builder.build()?;
-    let (listener, takeover) = sw.begin()?;
-    let port = takeover.port();
+    // Under `switcheroo run` (or systemd) the socket is handed over as fd 3 and the
+    // command does the switch; otherwise this process binds and switches itself.
+    let (listener, takeover) = match switcheroo::activation::listener()? {
+        Some(listener) => (listener, None),
+        None => {
+            let mut builder = Switcheroo::builder(args.namespace.as_str(), args.port);
+            if let Some((min, max)) = args.range {
+                builder = builder.port_range(min..=max);
+            }
+            let (listener, takeover) = builder.build()?.begin()?;
+            (listener, Some(takeover))
+        }
+    };
+    let port = listener.local_addr()?.port();
     let pid = std::process::id();
     let body: Arc<str> = format!("hello from pid {pid} port {port}").into();
 
@@ -144,15 +155,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("bound port={port}; holding {hold:?} before commit");
         std::thread::sleep(hold);
     }
-    let report = takeover.commit()?;
-    eprintln!(
-        "switched port={} in={}us attempts={} removed={} signalled={:?}",
-        report.port,
-        report.elapsed.as_micros(),
-        report.attempts,
-        report.removed.len(),
-        report.signalled
-    );
+    match takeover {
+        Some(takeover) => {
+            let report = takeover.commit()?;
+            eprintln!(
+                "switched port={} in={}us attempts={} removed={} signalled={:?}",
+                report.port,
+                report.elapsed.as_micros(),
+                report.attempts,
+                report.removed.len(),
+                report.signalled
+            );
+        }
+        None => {
+            let notified = switcheroo::activation::notify("READY=1")?;
+            eprintln!("activated port={port} notified={notified}");
+        }
+    }
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "ready pid={pid} port={port}")?;
     stdout.flush()?;

@@ -52,6 +52,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod activation;
 mod comment;
 mod drain;
 mod error;
@@ -68,7 +69,7 @@ pub use comment::Identity;
 pub use drain::{Drain, DrainReport, DrainTracker};
 pub use error::{Error, Result};
 pub use routes::Routes;
-pub use rules::Rule;
+pub use rules::{all_rules, cleanup, Rule};
 pub use shutdown::Shutdown;
 pub use switcheroo::{Builder, Switcheroo, DEFAULT_PORT_RANGE};
 pub use switcheroo_sys::{Chain, Family, Handle};

@@ -52,11 +52,12 @@ pub(crate) struct Snapshot {
 }
 
 /// Reads the generation, then dumps every (family, chain) (four dumps, each filtered to its
-/// chain in the kernel). Chains in `wanted` that dump empty are looked up to learn whether
-/// they exist.
+/// chain in the kernel) and keeps the switcheroo rules of `namespace` (of every namespace
+/// when `None`). Chains in `wanted` that dump empty are looked up to learn whether they
+/// exist.
 pub(crate) fn snapshot(
     conn: &mut Conn,
-    namespace: &str,
+    namespace: Option<&str>,
     wanted: impl Fn(Chain) -> bool,
 ) -> Result<Snapshot> {
     let generation = conn.generation()?;
@@ -77,7 +78,7 @@ pub(crate) fn snapshot(
                 let Some(id) = Identity::parse(&redirect.comment) else {
                     continue;
                 };
-                if id.namespace != namespace {
+                if namespace.is_some_and(|ns| ns != id.namespace) {
                     continue;
                 }
                 snap.ours.push(Rule {
@@ -137,7 +138,7 @@ pub(crate) fn transact(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let snap = snapshot(conn, namespace, &wanted)?;
+        let snap = snapshot(conn, Some(namespace), &wanted)?;
         let generation = (!snap.missing.is_empty()).then_some(snap.generation);
         let mut batch = Batch::new(generation);
         build(&snap, &mut batch)?;
@@ -175,6 +176,61 @@ pub(crate) fn transact(
 fn backoff(attempt: u32) -> Duration {
     let cap_us = (50u64 << attempt.min(10)).min(20_000);
     Duration::from_micros(rand::random_range(0..=cap_us))
+}
+
+/// Every switcheroo rule in the current network namespace, of every service namespace, in
+/// the order of the dumps (IPv4 before IPv6, PREROUTING before OUTPUT, each chain top
+/// down). Opens its own netfilter socket; needs CAP_NET_ADMIN.
+///
+/// ```no_run
+/// for rule in switcheroo::all_rules()? {
+///     println!("{} {} {} {} -> {} pid {:?} alive {}", rule.namespace, rule.family,
+///         rule.chain, rule.public_port, rule.internal_port, rule.pid, rule.alive);
+/// }
+/// # Ok::<(), switcheroo::Error>(())
+/// ```
+pub fn all_rules() -> Result<Vec<Rule>> {
+    let mut conn = Conn::open()?;
+    Ok(snapshot(&mut conn, None, |_| false)?.ours)
+}
+
+/// Deletes every rule of the service `namespace`, whatever its public port, in one
+/// transaction, and returns how many there were; processes are not signalled. The same as
+/// [`Switcheroo::cleanup`](crate::Switcheroo::cleanup) without a configured service.
+///
+/// Errors: [`Error::InvalidNamespace`] before anything is read; then as `cleanup`.
+pub fn cleanup(namespace: &str) -> Result<usize> {
+    if !crate::comment::valid_namespace(namespace) {
+        return Err(Error::InvalidNamespace {
+            namespace: namespace.to_owned(),
+        });
+    }
+    let mut conn = Conn::open()?;
+    delete_namespace(&mut conn, namespace, MAX_ATTEMPTS)
+}
+
+/// The transaction behind both cleanups.
+pub(crate) fn delete_namespace(
+    conn: &mut Conn,
+    namespace: &str,
+    max_attempts: u32,
+) -> Result<usize> {
+    let (snap, _, _) = transact(
+        conn,
+        namespace,
+        max_attempts,
+        |_| false,
+        |snap, batch| {
+            for rule in &snap.ours {
+                batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
+            }
+            Ok(())
+        },
+    )?;
+    if !snap.ours.is_empty() {
+        log::info!("namespace {namespace}: removed {} rules", snap.ours.len());
+    }
+    Ok(snap.ours.len())
 }
 
 fn describe(ops: &[Op]) -> String {

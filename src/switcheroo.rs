@@ -5,12 +5,11 @@ use crate::comment::valid_namespace;
 use crate::rules::{self, Rule};
 use crate::takeover::Takeover;
 use crate::{port, Error, Result, Routes};
-use log::info;
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
-use switcheroo_sys::{Conn, Op};
+use switcheroo_sys::Conn;
 
 /// The default internal port range.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
@@ -148,7 +147,8 @@ impl Switcheroo {
     /// host has IPv6 disabled. Ports that rules of this namespace still route to are
     /// skipped. Reads the ruleset, so it needs CAP_NET_ADMIN.
     pub fn begin(&self) -> Result<(TcpListener, Takeover)> {
-        let snap = self.with_conn(|conn| rules::snapshot(conn, &self.namespace, |_| false))?;
+        let snap =
+            self.with_conn(|conn| rules::snapshot(conn, Some(&self.namespace), |_| false))?;
         let taken: HashSet<u16> = snap.ours.iter().map(|r| r.internal_port).collect();
         let listener = port::bind_free(&self.range, &taken, &self.namespace)?;
         let port = listener
@@ -163,7 +163,7 @@ impl Switcheroo {
     /// Four filtered dumps; needs CAP_NET_ADMIN.
     pub fn rules(&self) -> Result<Vec<Rule>> {
         Ok(self
-            .with_conn(|conn| rules::snapshot(conn, &self.namespace, |_| false))?
+            .with_conn(|conn| rules::snapshot(conn, Some(&self.namespace), |_| false))?
             .ours)
     }
 
@@ -171,28 +171,7 @@ impl Switcheroo {
     /// many there were. Processes are not signalled. Other rules are not touched; the
     /// tables and chains stay.
     pub fn cleanup(&self) -> Result<usize> {
-        let (snap, _, _) = self.with_conn(|conn| {
-            rules::transact(
-                conn,
-                &self.namespace,
-                self.max_attempts,
-                |_| false,
-                |snap, batch| {
-                    for rule in &snap.ours {
-                        batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
-                    }
-                    Ok(())
-                },
-            )
-        })?;
-        if !snap.ours.is_empty() {
-            info!(
-                "namespace {}: removed {} rules",
-                self.namespace,
-                snap.ours.len()
-            );
-        }
-        Ok(snap.ours.len())
+        self.with_conn(|conn| rules::delete_namespace(conn, &self.namespace, self.max_attempts))
     }
 }
 

@@ -28,6 +28,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod activation;
 mod attr;
 mod batch;
 mod conn;
@@ -36,6 +37,8 @@ mod listen;
 mod nftnl;
 mod pidfd;
 mod rule;
+#[cfg(feature = "spawn")]
+pub mod spawn;
 mod table;
 mod xt;
 

@@ -293,8 +293,23 @@ impl Hello {
     /// Spawns `cmd` and waits up to 10 s for `ready pid=P port=Q`; fails the test with the
     /// process's output if it does not come.
     // The child moves into the returned Hello, whose Drop kills and reaps it.
+    pub fn start(cmd: Command) -> Hello {
+        Hello::start_with(cmd, "ready line", |line| {
+            line.strip_prefix("ready pid=")?
+                .split_once(" port=")
+                .and_then(|(pid, port)| Some((pid.parse().ok()?, port.trim().parse().ok()?)))
+        })
+    }
+
+    /// Spawns `cmd` and waits up to 10 s for a line of output that `ready` turns into
+    /// (pid, internal port).
+    // The child moves into the returned Hello, whose Drop kills and reaps it.
     #[allow(clippy::zombie_processes)]
-    pub fn start(mut cmd: Command) -> Hello {
+    pub fn start_with(
+        mut cmd: Command,
+        what: &str,
+        ready: impl Fn(&str) -> Option<(u32, u16)>,
+    ) -> Hello {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -326,16 +341,12 @@ impl Hello {
                         log.push(line);
                     }
                     panic!(
-                        "{cmd:?} printed no ready line within 10 s (exit: {status:?}); it said:\n{}",
+                        "{cmd:?} printed no {what} within 10 s (exit: {status:?}); it said:\n{}",
                         log.join("\n")
                     );
                 }
             };
-            if let Some(rest) = line.strip_prefix("ready pid=") {
-                let parsed = rest
-                    .split_once(" port=")
-                    .and_then(|(pid, port)| Some((pid.parse().ok()?, port.trim().parse().ok()?)));
-                let (pid, port) = parsed.unwrap_or_else(|| panic!("bad ready line {line:?}"));
+            if let Some((pid, port)) = ready(&line) {
                 log.push(line);
                 return Hello {
                     child,
@@ -557,6 +568,7 @@ impl TempPath {
 impl Drop for TempPath {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -1,0 +1,47 @@
+//! Serving under `switcheroo run` or systemd: the inherited socket and readiness.
+//!
+//! A Rust server run by the `switcheroo` command does not switch anything itself: it takes
+//! the listening socket it was handed, says when it is ready, and drains on SIGTERM.
+//!
+//! ```no_run
+//! use switcheroo::{activation, Drain, Shutdown};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let shutdown = Shutdown::install()?;
+//! let listener = activation::listener()?.expect("run me under `switcheroo run`");
+//! // ... start serving on the listener ...
+//! activation::notify("READY=1")?;
+//! shutdown.wait();
+//! Drain::new().wait(&listener)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io;
+use std::net::TcpListener;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+/// The listening socket passed as fd 3 (`LISTEN_FDS`/`LISTEN_PID` name this process), or
+/// `None` when the process was not started that way. The first call takes it; later calls
+/// return `None`.
+///
+/// Errors: the variables are set for this process but fd 3 is not a listening TCP socket.
+pub fn listener() -> io::Result<Option<TcpListener>> {
+    switcheroo_sys::activation::take_listener()
+}
+
+/// Sends `state` (e.g. `READY=1`, `STATUS=...`, `STOPPING=1`) to the service manager's
+/// `NOTIFY_SOCKET` (sd_notify(3)); `Ok(false)` when the variable is not set.
+pub fn notify(state: &str) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    let path = path.to_string_lossy();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
+        None => SocketAddr::from_pathname(&*path)?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(true)
+}

@@ -1,0 +1,334 @@
+//! `switcheroo`: zero-downtime deploys for servers in any language.
+//!
+//! `switcheroo run` binds the internal port, hands the listening socket to the server as
+//! fd 3 (systemd socket activation), waits until the server is ready, then points the
+//! public port at it in one transaction; the previous instance's `switcheroo run` gets
+//! SIGTERM, waits until its server has emptied the accept queue, forwards the signal and
+//! exits with the server's status.
+
+mod ready;
+mod run;
+
+use clap::{Args, Parser, Subcommand};
+use log::error;
+use std::ffi::OsString;
+use std::io::Write;
+use std::ops::RangeInclusive;
+use std::process::ExitCode;
+use std::time::Duration;
+use switcheroo::{Routes, Rule};
+
+/// Exit status for an error of switcheroo itself (permissions, netfilter, bad input).
+const EXIT_ERROR: u8 = 1;
+/// Exit status when the new server never became ready: nothing was switched.
+const EXIT_NOT_READY: u8 = 3;
+
+const AFTER_HELP: &str = "\
+Examples:
+  # serve 8080 with gunicorn; run the same line again to deploy a new version
+  switcheroo run --port 8080 --ready http:/healthz -- gunicorn app:app
+
+  # a server that only takes a port number: {port} is replaced by the internal port
+  switcheroo run --namespace api --port 443 --ready delay:2s -- ./server --listen-port {port}
+
+  switcheroo status --json
+  switcheroo cleanup --namespace api
+
+Exit status:
+  0        run: the server exited 0; status, cleanup: success
+  1        an error of switcheroo itself (permissions, netfilter, bad input); nothing changed
+  2        bad arguments
+  3        run: the new server failed to start, exited or was not ready in time; nothing
+           was switched and the old version keeps serving
+  N        run: the server's own exit status, or 128+signal if a signal ended it
+
+Logging goes to stderr; RUST_LOG=debug (or warn, ...) sets the level, info by default.
+Needs CAP_NET_ADMIN (and CAP_KILL to stop instances of other users).";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switcheroo",
+    version,
+    about = "Zero-downtime deploys of TCP servers: an atomic nftables REDIRECT of the public port to the newest instance",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start COMMAND with a fresh listening socket as fd 3, switch the public port to it
+    /// once it is ready, and stop the previous instance gracefully
+    #[command(after_help = run::AFTER_HELP)]
+    Run(RunArgs),
+    /// List every switcheroo rule in this network namespace
+    Status(StatusArgs),
+    /// Delete a namespace's rules (processes are not signalled)
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The service's name; its instances replace each other ([A-Za-z0-9_.-], 1-64 chars)
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The public port clients connect to
+    #[arg(long, short = 'p')]
+    port: u16,
+    /// Internal ports to choose from, MIN-MAX
+    #[arg(long, default_value = "40400-40499", value_parser = parse_range)]
+    range: RangeInclusive<u16>,
+    /// Which traffic to redirect: network (PREROUTING), localhost (OUTPUT), or both
+    #[arg(long, value_delimiter = ',', default_value = "network,localhost", value_parser = parse_route)]
+    routes: Vec<Routes>,
+    /// When the server is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET, the
+    /// sd_notify protocol), `http:/PATH` (GET PATH on the internal port answers 2xx), or
+    /// `delay:DURATION` (it is assumed ready after that long)
+    #[arg(long, default_value = "notify", value_parser = ready::Ready::parse)]
+    ready: ready::Ready,
+    /// How long to wait for readiness before giving up (nothing is switched then)
+    #[arg(long, default_value = "60s", value_parser = ready::parse_duration)]
+    ready_timeout: Duration,
+    /// On SIGTERM/SIGINT, forward the signal once the accept queue has been empty this long
+    #[arg(long, default_value = "200ms", value_parser = ready::parse_duration)]
+    drain_idle: Duration,
+    /// ... or after this long at most
+    #[arg(long, default_value = "5s", value_parser = ready::parse_duration)]
+    drain_max: Duration,
+    /// After forwarding SIGTERM/SIGINT, send SIGKILL if the server has not exited within
+    /// this long (default: wait for as long as it takes)
+    #[arg(long, value_parser = ready::parse_duration)]
+    kill_after: Option<Duration>,
+    /// The socket's name in LISTEN_FDNAMES (default: the namespace)
+    #[arg(long)]
+    fd_name: Option<String>,
+    /// The server and its arguments; `{port}` in an argument becomes the internal port
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Only this namespace's rules
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Print {"rules": [...]} as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CleanupArgs {
+    /// The namespace whose rules to delete
+    #[arg(long, short = 'n')]
+    namespace: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => return run::run(args.into()),
+        Command::Status(args) => status(args),
+        Command::Cleanup(args) => switcheroo::cleanup(&args.namespace).map(|n| {
+            println!("removed {n} rules of namespace {}", args.namespace);
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+impl From<RunArgs> for run::Config {
+    fn from(a: RunArgs) -> Self {
+        run::Config {
+            fd_name: a.fd_name.unwrap_or_else(|| a.namespace.clone()),
+            namespace: a.namespace,
+            port: a.port,
+            range: a.range,
+            routes: a.routes.into_iter().fold(Routes::empty(), |all, r| all | r),
+            ready: a.ready,
+            ready_timeout: a.ready_timeout,
+            drain: switcheroo::Drain::new()
+                .idle(a.drain_idle)
+                .max_wait(a.drain_max),
+            kill_after: a.kill_after,
+            command: a.command,
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> switcheroo::Result<()> {
+    let mut rules = switcheroo::all_rules()?;
+    if let Some(ns) = &args.namespace {
+        rules.retain(|r| &r.namespace == ns);
+    }
+    let mut out = std::io::stdout().lock();
+    let text = if args.json {
+        json(&rules)
+    } else {
+        table(&rules)
+    };
+    // A closed stdout (`| head`) is not an error worth a message.
+    let _ = out.write_all(text.as_bytes());
+    Ok(())
+}
+
+fn table(rules: &[Rule]) -> String {
+    let mut rows = vec![[
+        "NAMESPACE".to_owned(),
+        "FAMILY".to_owned(),
+        "CHAIN".to_owned(),
+        "PORT".to_owned(),
+        "INTERNAL".to_owned(),
+        "PID".to_owned(),
+        "OWNER".to_owned(),
+    ]];
+    for r in rules {
+        rows.push([
+            r.namespace.clone(),
+            r.family.to_string(),
+            r.chain.to_string(),
+            r.public_port.to_string(),
+            r.internal_port.to_string(),
+            r.pid.map_or("-".to_owned(), |p| p.to_string()),
+            if r.alive { "alive" } else { "dead" }.to_owned(),
+        ]);
+    }
+    let mut widths = [0; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut text = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+fn json(rules: &[Rule]) -> String {
+    let items: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{}}}",
+                json_string(&r.namespace),
+                r.family,
+                r.chain,
+                r.handle.get(),
+                r.public_port,
+                r.internal_port,
+                r.pid.map_or("null".to_owned(), |p| p.to_string()),
+                r.start.map_or("null".to_owned(), |s| s.to_string()),
+                r.alive
+            )
+        })
+        .collect();
+    format!("{{\"rules\":[{}]}}\n", items.join(","))
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (min, max) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 40400-40499"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
+    };
+    Ok(port(min)?..=port(max)?)
+}
+
+fn parse_route(s: &str) -> Result<Routes, String> {
+    match s {
+        "network" => Ok(Routes::NETWORK),
+        "localhost" => Ok(Routes::LOCALHOST),
+        _ => Err(format!("{s:?}: expected network or localhost")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_arguments() {
+        let cli = Cli::try_parse_from([
+            "switcheroo",
+            "run",
+            "-p",
+            "8080",
+            "--range",
+            "41000-41010",
+            "--routes",
+            "localhost",
+            "--ready",
+            "http:/health",
+            "--",
+            "server",
+            "--port",
+            "{port}",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let config = run::Config::from(args);
+        assert_eq!(config.range, 41000..=41010);
+        assert_eq!(config.routes, Routes::LOCALHOST);
+        assert_eq!(config.namespace, "default");
+        assert_eq!(config.command, ["server", "--port", "{port}"]);
+        assert!(Cli::try_parse_from(["switcheroo", "run", "-p", "8080"]).is_err());
+        assert!(
+            Cli::try_parse_from(["switcheroo", "run", "-p", "8080", "--range", "9-", "x"]).is_err()
+        );
+    }
+
+    #[test]
+    fn json_is_escaped() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+        assert_eq!(json(&[]), "{\"rules\":[]}\n");
+    }
+}

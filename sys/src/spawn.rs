@@ -1,0 +1,327 @@
+//! Starting a child process that inherits a listening socket as fd 3, the way systemd's
+//! socket activation hands one over (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`).
+//!
+//! `LISTEN_PID` must name the child itself, which only the child knows, and the socket
+//! must land on fd 3 without a copy left anywhere else; `std::process::Command` can do
+//! neither without `pre_exec`. So this is a small fork/exec of its own: everything that
+//! allocates (argument and environment arrays, the resolved path) is prepared before
+//! `fork`, and the child calls only async-signal-safe functions until `execve`.
+
+use nix::unistd::Pid;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// The fd an activated socket lands on (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FD: RawFd = 3;
+
+const PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Room for the prefix, the longest pid in decimal and the NUL.
+const PID_VAR_LEN: usize = PID_PREFIX.len() + 20 + 1;
+
+/// A program to start with a listening socket on fd 3.
+#[derive(Debug)]
+pub struct Activation {
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Activation {
+    /// `program` with `args` (not including argv\[0\], which is `program`), looked up in
+    /// `PATH` of `env` unless it contains a `/`.
+    pub fn new(program: impl Into<OsString>, args: Vec<OsString>) -> Self {
+        Activation {
+            program: program.into(),
+            args,
+            env: Vec::new(),
+        }
+    }
+
+    /// The whole environment of the child, in order. `LISTEN_FDS=1` and `LISTEN_PID` are
+    /// added; any `LISTEN_PID` or `LISTEN_FDS` given here is dropped.
+    pub fn env(mut self, env: Vec<(OsString, OsString)>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Forks, moves `listener` to fd 3 in the child (clearing close-on-exec there only),
+    /// sets `LISTEN_PID` to the child's pid, unblocks every signal, restores SIGPIPE's
+    /// default action, asks for SIGTERM should this process die first (so an orphan
+    /// never keeps serving unseen), marks every other fd above 3 close-on-exec, and
+    /// executes the program. Returns once the program runs, or the reason it could not.
+    pub fn spawn(&self, listener: BorrowedFd<'_>) -> io::Result<Pid> {
+        let path = resolve(&self.program, &self.env)?;
+        let path = cstring(path.as_os_str())?;
+        let mut argv = vec![cstring(&self.program)?];
+        for arg in &self.args {
+            argv.push(cstring(arg)?);
+        }
+        let mut envp = Vec::with_capacity(self.env.len() + 2);
+        for (key, value) in &self.env {
+            if key == "LISTEN_PID" || key == "LISTEN_FDS" {
+                continue;
+            }
+            let mut var = key.as_bytes().to_vec();
+            var.push(b'=');
+            var.extend_from_slice(value.as_bytes());
+            envp.push(CString::new(var).map_err(|_| nul_error())?);
+        }
+        envp.push(CString::new("LISTEN_FDS=1").expect("no NUL"));
+        let mut pid_var = [0u8; PID_VAR_LEN];
+        pid_var[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+
+        let argv_ptrs: Vec<*const libc::c_char> = argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+        envp_ptrs.push(pid_var.as_ptr().cast());
+        envp_ptrs.push(std::ptr::null());
+
+        // The child reports a failed execve through this pipe; a successful one closes it.
+        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        // fd 3 is about to be replaced in the child: keep the pipe above it.
+        let report_write = above_listen_fd(report_write)?;
+        let listen_fd = listener.as_raw_fd();
+        let write_fd = report_write.as_raw_fd();
+        let parent = std::process::id();
+
+        // SAFETY: between fork and execve/_exit the child only calls async-signal-safe
+        // functions (dup2, fcntl, getpid, sigprocmask, signal, prctl, getppid, kill,
+        // syscall(close_range), execve, write, _exit) on memory prepared before the fork and
+        // not freed until after it returns in the parent (`path`, `argv`, `envp` and their
+        // pointer arrays, `pid_var`), and formats the pid into `pid_var` without allocating.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: in the child, see above; never returns.
+            unsafe {
+                child(
+                    listen_fd,
+                    write_fd,
+                    parent,
+                    &mut pid_var,
+                    path.as_ptr(),
+                    argv_ptrs.as_ptr(),
+                    envp_ptrs.as_ptr(),
+                )
+            }
+        }
+        drop(report_write);
+        let mut report = File::from(report_read);
+        let mut errno = [0u8; 4];
+        let mut got = 0;
+        while got < errno.len() {
+            match report.read(&mut errno[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let pid = Pid::from_raw(pid);
+        if got == 0 {
+            return Ok(pid);
+        }
+        // The child reported why execve failed and exited: reap it.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+    }
+}
+
+/// The child's side of [`Activation::spawn`].
+///
+/// # Safety
+/// Only to be called in the child right after `fork`, with pointers to NUL-terminated
+/// strings and NULL-terminated arrays that stay valid (they were allocated before fork).
+unsafe fn child(
+    listen_fd: RawFd,
+    report_fd: RawFd,
+    parent: u32,
+    pid_var: &mut [u8; PID_VAR_LEN],
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> ! {
+    let fail = |report_fd: RawFd| -> ! {
+        let errno = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL);
+        let bytes = errno.to_ne_bytes();
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; `bytes` is a live local.
+        unsafe {
+            libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: plain system calls on integers and on a sigset_t local to this frame.
+    unsafe {
+        if listen_fd == LISTEN_FD {
+            if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
+                fail(report_fd);
+            }
+        } else if libc::dup2(listen_fd, LISTEN_FD) < 0 {
+            // dup2 leaves close-on-exec clear on the new descriptor.
+            fail(report_fd);
+        }
+        // Everything else we hold (the netlink socket, the notify socket, the drain's
+        // copy of the listener) stays here. Old kernels lack close_range: then only the
+        // descriptors opened close-on-exec are kept from the child, as Rust opens them.
+        libc::syscall(
+            libc::SYS_close_range,
+            (LISTEN_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
+            fail(report_fd);
+        }
+        // Rust ignores SIGPIPE; ignored signals stay ignored across execve.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+            fail(report_fd);
+        }
+        // The parent may have died before prctl took effect.
+        if libc::getppid() as u32 != parent {
+            libc::kill(libc::getpid(), libc::SIGTERM);
+        }
+        write_decimal(&mut pid_var[PID_PREFIX.len()..], libc::getpid() as u32);
+        libc::execve(path, argv, envp);
+    }
+    fail(report_fd)
+}
+
+/// Writes `n` in decimal followed by a NUL; `buf` holds at least 11 bytes.
+fn write_decimal(buf: &mut [u8], mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for (i, d) in digits[..len].iter().rev().enumerate() {
+        buf[i] = *d;
+    }
+    buf[len] = 0;
+}
+
+fn above_listen_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > LISTEN_FD {
+        return Ok(fd);
+    }
+    let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FD + 1))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| nul_error())
+}
+
+fn nul_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "an argument or environment variable contains a NUL byte",
+    )
+}
+
+/// The program's path: as given when it contains a `/`, else the first executable file
+/// of that name in the `PATH` of `env` (or `/usr/local/bin:/usr/bin:/bin`).
+fn resolve(program: &OsStr, env: &[(OsString, OsString)]) -> io::Result<PathBuf> {
+    if program.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty command"));
+    }
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(&path) {
+        let candidate = Path::new(&dir).join(program);
+        if let Ok(meta) = candidate.metadata() {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found in PATH", program.to_string_lossy()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        let mut buf = [0xffu8; 11];
+        write_decimal(&mut buf, 0);
+        assert_eq!(&buf[..2], b"0\0");
+        write_decimal(&mut buf, 4_294_967_295);
+        assert_eq!(&buf[..11], b"4294967295\0");
+        write_decimal(&mut buf, 1234);
+        assert_eq!(&buf[..5], b"1234\0");
+    }
+
+    #[test]
+    fn child_sees_the_socket_on_fd_3_and_its_own_pid() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let out = tempfile_path();
+        let script = format!(
+            "test \"$LISTEN_PID\" = $$ && test \"$LISTEN_FDS\" = 1 && \
+             readlink /proc/self/fd/3 > {0}; ls /proc/self/fd > {0}.fds",
+            out.display()
+        );
+        let act = Activation::new("sh", vec!["-c".into(), script.into()])
+            .env(std::env::vars_os().collect());
+        let pid = act.spawn(listener.as_fd()).unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+        let link = std::fs::read_to_string(&out).unwrap();
+        assert!(link.starts_with("socket:["), "fd 3 is {link}");
+        // Only stdio, fd 3, and the fd ls itself opens to list the directory.
+        let fds = std::fs::read_to_string(out.with_extension("fds")).unwrap();
+        let fds: Vec<&str> = fds.lines().collect();
+        assert_eq!(fds.len(), 5, "{fds:?}");
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(out.with_extension("fds"));
+    }
+
+    #[test]
+    fn a_missing_program_is_reported_not_run() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = Activation::new("/nonexistent/program", vec![])
+            .spawn(listener.as_fd())
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = Activation::new("no-such-program-anywhere", vec![])
+            .spawn(listener.as_fd())
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    fn tempfile_path() -> PathBuf {
+        std::env::temp_dir().join(format!("switcheroo-spawn-{}", std::process::id()))
+    }
+
+    use std::os::fd::AsFd;
+}

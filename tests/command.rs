@@ -1,0 +1,573 @@
+//! The `switcheroo` command, run as a user would: in a throwaway network namespace, with
+//! real servers (gunicorn from PyPI, `hello` under socket activation) and in a bare chroot.
+
+mod common;
+#[path = "load/mod.rs"]
+mod load;
+
+use common::{get, pid_of, require_root, Hello, Netns, TempPath};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
+
+/// `switcheroo run` started in `ns` with `args` (options, `--`, server); waits until it
+/// logs that it switched. `pid` is the wrapper's, `port` the internal port.
+fn run(ns: &Netns, args: &[&str]) -> Hello {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, BIN, "run"]).args(args);
+    let mut h = Hello::start_with(cmd, "switch log line", |line| {
+        let rest = line.split_once(" is ready: port ")?.1;
+        let port = rest.split_once(" -> ")?.1.split_whitespace().next()?;
+        Some((0, port.parse().ok()?))
+    });
+    // `ip netns exec` executes the command in its own process: the child is the wrapper.
+    h.pid = h.child.id();
+    h
+}
+
+/// `switcheroo run` that is expected to end without switching; its exit and output.
+fn run_to_end(ns: &Netns, args: &[&str]) -> (ExitStatus, String) {
+    let out = ns.exec(&[&[BIN, "run"], args].concat());
+    (out.status, text(&out))
+}
+
+fn switcheroo(ns: &Netns, args: &[&str]) -> Output {
+    ns.exec(&[&[BIN], args].concat())
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The pid of the server a wrapper started, from its `started NAME (pid N)` line.
+fn server_pid(h: &mut Hello) -> u32 {
+    let line = h.line("[").clone();
+    let line = h
+        .log
+        .iter()
+        .find(|l| l.contains(" (pid "))
+        .cloned()
+        .unwrap_or(line);
+    line.split_once(" (pid ")
+        .and_then(|(_, rest)| rest.split(')').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no server pid in {line:?}"))
+}
+
+fn addr(s: &str) -> std::net::SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A python3 that can import gunicorn; `None` (skip, or fail under CI) otherwise.
+fn gunicorn_python() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", "import gunicorn"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some("python3");
+    }
+    let reason = "gunicorn is not installed (python3 -m pip install gunicorn; ci/test does)";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{reason}; CI=true forbids skipping");
+    }
+    eprintln!("skipped: {reason}");
+    None
+}
+
+const WSGI_APP: &str = r#"
+import os
+
+def app(environ, start_response):
+    # The master's pid (the process switcheroo started) and the internal port.
+    body = "hello from pid {} port {}".format(os.getppid(), os.environ["SWITCHEROO_PORT"]).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+#[test]
+fn gunicorn_deployed_eight_times_under_load_fails_no_request() {
+    if !require_root() {
+        return;
+    }
+    let Some(python) = gunicorn_python() else {
+        return;
+    };
+    let ns = Netns::new();
+    let dir = TempPath::new(&ns, "wsgi");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(dir.0.join("app.py"), WSGI_APP).unwrap();
+    let args = [
+        "--namespace",
+        "gu",
+        "--port",
+        "8080",
+        "--range",
+        "41100-41199",
+        "--ready",
+        "http:/",
+        "--",
+        python,
+        "-m",
+        "gunicorn",
+        "--chdir",
+        dir.as_str(),
+        "--workers",
+        "2",
+        "--graceful-timeout",
+        "10",
+        "app:app",
+    ];
+    const DEPLOYS: usize = 8;
+    let started = Instant::now();
+    let mut current = run(&ns, &args);
+    let mut servers = vec![server_pid(&mut current)];
+    let (stats, old) = ns.enter(|| {
+        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+            .iter()
+            .map(|t| {
+                let mut plan = load::Plan::new(addr(t));
+                plan.close_clients = 2;
+                plan.keepalive_clients = 1;
+                load::Load::start(&plan)
+            })
+            .collect();
+        let mut old = Vec::new();
+        for _ in 0..DEPLOYS {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut next = run(&ns, &args);
+            servers.push(server_pid(&mut next));
+            old.push(std::mem::replace(&mut current, next));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        (stats, old)
+    });
+    let ok: u64 = stats.iter().map(|s| s.ok()).sum();
+    let failed: u64 = stats.iter().map(|s| s.failed()).sum();
+    let samples: Vec<_> = stats
+        .iter()
+        .flat_map(|s| s.samples.lock().unwrap().clone())
+        .collect();
+    eprintln!(
+        "gunicorn: {DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
+        started.elapsed()
+    );
+    assert_eq!(failed, 0, "failed requests: {samples:?}");
+    assert!(ok > 500, "the load ran: {ok} requests");
+    let answered: Vec<u32> = stats
+        .iter()
+        .flat_map(|s| s.pids.lock().unwrap().clone())
+        .collect();
+    for server in &servers {
+        assert!(
+            answered.contains(server),
+            "gunicorn {server} never answered (answered: {answered:?})"
+        );
+    }
+    // Every old wrapper drained, forwarded SIGTERM, and exited with gunicorn's status 0.
+    for mut h in old {
+        h.expect_clean_exit("an old switcheroo run");
+        assert!(
+            h.log.iter().any(|l| l.contains("drained in")),
+            "no drain: {:?}",
+            h.log
+        );
+    }
+    // The rules name the last wrapper, as iptables-nft prints them.
+    let lines = ns.rule_lines();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let owner = format!(
+        "SWITCHEROO:ns=gu:port={}:pid={}:start=",
+        current.port, current.pid
+    );
+    assert!(lines.iter().all(|l| l.contains(&owner)), "{lines:?}");
+    assert!(current.terminate().expect("exits").success());
+}
+
+#[test]
+fn a_server_that_is_not_ready_switches_nothing() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let range = [
+        "--range",
+        "41200-41299",
+        "--port",
+        "8080",
+        "--namespace",
+        "svc",
+    ];
+    let mut first = run(
+        &ns,
+        &[
+            &range[..],
+            &["--", common::example("hello").to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let hello_pid = server_pid(&mut first);
+    let before = ns.rule_lines();
+    let answer = || {
+        ns.enter(|| get(addr("127.0.0.1:8080"), "/"))
+            .expect("served")
+    };
+
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--", "sh", "-c", "exit 7"],
+            "exited with status 7 before it was ready",
+        ),
+        (
+            &["--", "/nonexistent/server"],
+            "cannot start /nonexistent/server",
+        ),
+        (
+            &["--ready-timeout", "1s", "--", "sleep", "30"],
+            "was not ready after 1s; if it does not speak sd_notify",
+        ),
+        (
+            &[
+                "--ready",
+                "http:/",
+                "--ready-timeout",
+                "1500ms",
+                "--",
+                "sleep",
+                "30",
+            ],
+            "was not ready after 1.5s",
+        ),
+    ];
+    for (args, message) in cases {
+        let (status, output) = run_to_end(&ns, &[&range[..], args].concat());
+        assert_eq!(status.code(), Some(3), "{args:?}: {output}");
+        assert!(output.contains(message), "{args:?}: {output}");
+        assert!(output.contains("nothing was switched"), "{output}");
+        assert_eq!(ns.rule_lines(), before, "{args:?} changed the ruleset");
+        assert_eq!(pid_of(&answer().1), hello_pid, "the old version serves");
+    }
+    // The timed-out `sleep` was stopped, not left behind; only the first instance runs.
+    assert!(
+        first.wait_exit(Duration::from_millis(100)).is_none(),
+        "the running version was left alone"
+    );
+    let leftovers: Vec<i32> = ns
+        .pids()
+        .into_iter()
+        .filter(|p| ![first.pid as i32, hello_pid as i32].contains(p))
+        .collect();
+    assert!(leftovers.is_empty(), "left running: {leftovers:?}");
+
+    // Bad input: exit 1 (switcheroo's own error) or 2 (arguments), ruleset untouched.
+    let (status, output) = run_to_end(
+        &ns,
+        &["--port", "8080", "--range", "8000-9000", "--", "true"],
+    );
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains("inside the internal port range"),
+        "{output}"
+    );
+    let (status, output) = run_to_end(&ns, &["--port", "8080", "--ready", "tcp", "--", "true"]);
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains("expected notify, http:/PATH or delay:DURATION"),
+        "{output}"
+    );
+    assert_eq!(ns.rule_lines(), before);
+
+    // A server that exits on its own after the switch: its status is passed on.
+    let mut short = run(
+        &ns,
+        &[
+            &range[..],
+            &[
+                "--ready",
+                "delay:100ms",
+                "--",
+                "sh",
+                "-c",
+                "sleep 1; exit 5",
+            ],
+        ]
+        .concat(),
+    );
+    let status = short.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(5), "{:?}", short.log);
+    // It replaced the first instance, which drained and exited 0.
+    first.expect_clean_exit("the replaced instance");
+}
+
+#[test]
+fn status_lists_every_namespace_and_cleanup_deletes_one() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let hello = common::example("hello");
+    let hello = hello.to_str().unwrap();
+    let mut a = run(
+        &ns,
+        &[
+            "-n",
+            "alpha",
+            "-p",
+            "8080",
+            "--range",
+            "41300-41349",
+            "--",
+            hello,
+        ],
+    );
+    let mut b = run(
+        &ns,
+        &[
+            "-n",
+            "beta",
+            "-p",
+            "9090",
+            "--range",
+            "41350-41399",
+            "--routes",
+            "localhost",
+            "--",
+            hello,
+        ],
+    );
+
+    let out = switcheroo(&ns, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        rows[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "NAMESPACE",
+            "FAMILY",
+            "CHAIN",
+            "PORT",
+            "INTERNAL",
+            "PID",
+            "OWNER"
+        ]
+    );
+    // alpha: both routes in both families; beta: OUTPUT only.
+    assert_eq!(rows.len(), 1 + 4 + 2, "{table}");
+    let alpha_row = format!("alpha ip PREROUTING 8080 {} {} alive", a.port, a.pid);
+    let beta_row = format!("beta ip6 OUTPUT 9090 {} {} alive", b.port, b.pid);
+    let norm: Vec<String> = rows
+        .iter()
+        .map(|r| r.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(norm.contains(&alpha_row), "{table}");
+    assert!(norm.contains(&beta_row), "{table}");
+
+    let out = switcheroo(&ns, &["status", "--json", "--namespace", "beta"]);
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        json.starts_with("{\"rules\":[{\"namespace\":\"beta\""),
+        "{json}"
+    );
+    assert_eq!(json.matches("\"namespace\":").count(), 2, "{json}");
+    assert!(
+        json.contains("\"family\":\"ip\",\"chain\":\"OUTPUT\""),
+        "{json}"
+    );
+    assert!(
+        json.contains(&format!(
+            "\"port\":9090,\"internal_port\":{},\"pid\":{}",
+            b.port, b.pid
+        )),
+        "{json}"
+    );
+    assert!(json.contains("\"alive\":true"), "{json}");
+
+    // A wrapper killed outright: its rules stay and show their owner dead.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let out = switcheroo(&ns, &["status", "-n", "alpha"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.trim_end().ends_with(" dead"))
+            .count(),
+        4,
+        "{table}"
+    );
+
+    let out = switcheroo(&ns, &["cleanup", "--namespace", "alpha"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "removed 4 rules of namespace alpha"
+    );
+    let lines = ns.rule_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.contains("SWITCHEROO:ns=beta:")),
+        "{lines:?}"
+    );
+    let out = switcheroo(&ns, &["cleanup", "--namespace", "alpha"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "removed 0 rules of namespace alpha"
+    );
+    let out = switcheroo(&ns, &["cleanup", "--namespace", "no:colons"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no:colons"), "{}", text(&out));
+    assert!(b.terminate().expect("exits").success(), "{:?}", b.log);
+}
+
+/// Copies `binary` and every shared library `ldd` lists for it into `root`, at the
+/// same paths.
+fn install_with_libraries(root: &Path, binary: &Path, name: &str) -> Vec<String> {
+    let out = Command::new("ldd").arg(binary).output().expect("run ldd");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut libs = Vec::new();
+    for line in listing.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let target = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(path, &target).unwrap_or_else(|e| panic!("copy {path}: {e}"));
+        libs.push(path.to_owned());
+    }
+    std::fs::copy(binary, root.join(name)).unwrap();
+    libs
+}
+
+#[test]
+fn the_command_and_the_library_run_in_a_bare_chroot() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let root = TempPath::new(&ns, "chroot");
+    std::fs::create_dir_all(root.0.join("proc")).unwrap();
+    let libs = install_with_libraries(&root.0, Path::new(BIN), "switcheroo");
+    let hello_libs = install_with_libraries(&root.0, &common::example("hello"), "hello");
+    eprintln!("chroot: switcheroo needs {libs:?}; hello needs {hello_libs:?}");
+    let mut files = Vec::new();
+    list_files(&root.0, &mut files);
+    // Nothing else: no shell, no iptables, no nft.
+    assert_eq!(
+        files.len(),
+        2 + libs
+            .iter()
+            .chain(&hello_libs)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        "{files:?}"
+    );
+
+    // unshare mounts a fresh /proc inside the chroot, in a private mount namespace.
+    let in_chroot = |args: &[&str]| -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &ns.name,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+        ])
+        .arg(format!("--root={}", root.as_str()))
+        .args(["--mount-proc=/proc"])
+        .args(args);
+        cmd
+    };
+    let mut wrapped = Hello::start_with(
+        in_chroot(&[
+            "/switcheroo",
+            "run",
+            "-n",
+            "jail",
+            "-p",
+            "8080",
+            "--range",
+            "41400-41499",
+            "--",
+            "/hello",
+        ]),
+        "switch log line",
+        |line| {
+            let rest = line.split_once(" is ready: port ")?.1;
+            Some((
+                0,
+                rest.split_once(" -> ")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?,
+            ))
+        },
+    );
+    let served = ns
+        .enter(|| get(addr("127.0.0.1:8080"), "/"))
+        .expect("served");
+    assert!(
+        served.1.ends_with(&format!("port {}", wrapped.port)),
+        "{served:?}"
+    );
+
+    let status = in_chroot(&["/switcheroo", "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status));
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout)
+            .matches("\"namespace\":\"jail\"")
+            .count(),
+        4
+    );
+
+    // The library alone (hello switching itself) replaces the wrapped instance.
+    let mut direct = Hello::start(in_chroot(&[
+        "/hello",
+        "--namespace",
+        "jail",
+        "--range",
+        "41400-41499",
+    ]));
+    let served = ns.enter(|| get(addr("[::1]:8080"), "/")).expect("served");
+    assert_eq!(pid_of(&served.1), direct.pid, "{served:?}");
+    wrapped.expect_clean_exit("the wrapped instance in the chroot");
+    assert!(
+        direct.terminate().expect("exits").success(),
+        "{:?}",
+        direct.log
+    );
+
+    let cleanup = in_chroot(&["/switcheroo", "cleanup", "-n", "jail"])
+        .output()
+        .unwrap();
+    assert!(cleanup.status.success(), "{}", text(&cleanup));
+    assert!(ns.rule_lines().is_empty());
+}
+
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let path = entry.path();
+        if path.is_dir() {
+            list_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
