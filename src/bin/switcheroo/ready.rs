@@ -230,8 +230,15 @@ mod tests {
         assert!(!notify.ready(me));
         notify_manager(Some(&notify.env_value()), "STATUS=up\nREADY=1\n");
         assert!(notify.ready(me));
-        // A process outside the server's tree: our own parent is not our descendant.
+        // Sent from outside the server's tree: this process is not a descendant of a
+        // child it started.
+        let mut other = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
         notify_manager(Some(&notify.env_value()), "READY=1");
-        assert!(!notify.ready(nix::unistd::getppid()));
+        assert!(!notify.ready(Pid::from_raw(other.id() as i32)));
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }
