@@ -124,6 +124,14 @@ impl DrainTracker {
         Ok(self.observe(queued, Instant::now()))
     }
 
+    /// Records one sample of the accept queue's length that the caller read some other way
+    /// (e.g. from `/proc/net/tcp` for a listener held by another process; its `rx_queue`
+    /// column is the accept queue of a listening socket). `Some(report)` when the drain is
+    /// over.
+    pub fn check_len(&mut self, queued: u32) -> Option<DrainReport> {
+        self.observe(queued, Instant::now())
+    }
+
     fn observe(&mut self, queued: u32, now: Instant) -> Option<DrainReport> {
         self.max_queue = self.max_queue.max(queued);
         let waited = now.saturating_duration_since(self.started);

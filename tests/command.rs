@@ -571,3 +571,67 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+#[test]
+fn a_server_that_only_takes_a_port_binds_it_itself() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let site = |version: &str| {
+        let dir = TempPath::new(&ns, &format!("site-{version}"));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join("index.html"), version).unwrap();
+        dir
+    };
+    let (one, two) = (site("one"), site("two"));
+    // python's http.server has no socket activation: it binds the {port} it is given.
+    let serve = |dir: &TempPath| {
+        run(
+            &ns,
+            &[
+                "-n",
+                "static",
+                "-p",
+                "8080",
+                "--range",
+                "41500-41599",
+                "--ready",
+                "http:/",
+                "--",
+                "python3",
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                dir.as_str(),
+                "{port}",
+            ],
+        )
+    };
+    let body = || {
+        ns.enter(|| get(addr("127.0.0.1:8080"), "/"))
+            .expect("served")
+            .1
+    };
+    let mut first = serve(&one);
+    assert_eq!(body(), "one");
+    assert!(
+        first.log.iter().all(|l| !l.contains("LISTEN_FDS")),
+        "{:?}",
+        first.log
+    );
+    let second = serve(&two);
+    assert_eq!(body(), "two");
+    assert_ne!(first.port, second.port);
+    // The old wrapper drained the queue it read from /proc/net/tcp, then forwarded
+    // SIGTERM, which ends http.server by the signal: 128 + 15.
+    let status = first.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert_eq!(status.code(), Some(143), "{:?}", first.log);
+    assert!(
+        first.log.iter().any(|l| l.contains("drained in")),
+        "{:?}",
+        first.log
+    );
+}

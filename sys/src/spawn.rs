@@ -49,12 +49,13 @@ impl Activation {
         self
     }
 
-    /// Forks, moves `listener` to fd 3 in the child (clearing close-on-exec there only),
-    /// sets `LISTEN_PID` to the child's pid, unblocks every signal, restores SIGPIPE's
+    /// Forks, moves `listener` to fd 3 in the child (clearing close-on-exec there only)
+    /// and sets `LISTEN_FDS=1` and `LISTEN_PID` to the child's pid (without a listener:
+    /// neither, and no `LISTEN_*` variable at all), unblocks every signal, restores SIGPIPE's
     /// default action, asks for SIGTERM should this process die first (so an orphan
-    /// never keeps serving unseen), marks every other fd above 3 close-on-exec, and
-    /// executes the program. Returns once the program runs, or the reason it could not.
-    pub fn spawn(&self, listener: BorrowedFd<'_>) -> io::Result<Pid> {
+    /// never keeps serving unseen), clears the ambient capabilities, marks every other fd
+    /// above 3 close-on-exec, and executes the program. Returns once the program runs, or the reason it could not.
+    pub fn spawn(&self, listener: Option<BorrowedFd<'_>>) -> io::Result<Pid> {
         let path = resolve(&self.program, &self.env)?;
         let path = cstring(path.as_os_str())?;
         let mut argv = vec![cstring(&self.program)?];
@@ -63,7 +64,10 @@ impl Activation {
         }
         let mut envp = Vec::with_capacity(self.env.len() + 2);
         for (key, value) in &self.env {
-            if key == "LISTEN_PID" || key == "LISTEN_FDS" {
+            if key == "LISTEN_PID"
+                || key == "LISTEN_FDS"
+                || (listener.is_none() && key == "LISTEN_FDNAMES")
+            {
                 continue;
             }
             let mut var = key.as_bytes().to_vec();
@@ -71,9 +75,11 @@ impl Activation {
             var.extend_from_slice(value.as_bytes());
             envp.push(CString::new(var).map_err(|_| nul_error())?);
         }
-        envp.push(CString::new("LISTEN_FDS=1").expect("no NUL"));
         let mut pid_var = [0u8; PID_VAR_LEN];
         pid_var[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+        if listener.is_some() {
+            envp.push(CString::new("LISTEN_FDS=1").expect("no NUL"));
+        }
 
         let argv_ptrs: Vec<*const libc::c_char> = argv
             .iter()
@@ -81,14 +87,16 @@ impl Activation {
             .chain(std::iter::once(std::ptr::null()))
             .collect();
         let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-        envp_ptrs.push(pid_var.as_ptr().cast());
+        if listener.is_some() {
+            envp_ptrs.push(pid_var.as_ptr().cast());
+        }
         envp_ptrs.push(std::ptr::null());
 
         // The child reports a failed execve through this pipe; a successful one closes it.
         let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // fd 3 is about to be replaced in the child: keep the pipe above it.
         let report_write = above_listen_fd(report_write)?;
-        let listen_fd = listener.as_raw_fd();
+        let listen_fd = listener.map_or(-1, |l| l.as_raw_fd());
         let write_fd = report_write.as_raw_fd();
         let parent = std::process::id();
 
@@ -137,7 +145,7 @@ impl Activation {
     }
 }
 
-/// The child's side of [`Activation::spawn`].
+/// The child's side of [`Activation::spawn`]; `listen_fd` is -1 without a socket.
 ///
 /// # Safety
 /// Only to be called in the child right after `fork`, with pointers to NUL-terminated
@@ -164,7 +172,9 @@ unsafe fn child(
     };
     // SAFETY: plain system calls on integers and on a sigset_t local to this frame.
     unsafe {
-        if listen_fd == LISTEN_FD {
+        if listen_fd < 0 {
+            // No socket to pass: fd 3, if open, is ours and stays here (close-on-exec).
+        } else if listen_fd == LISTEN_FD {
             if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
                 fail(report_fd);
             }
@@ -175,9 +185,14 @@ unsafe fn child(
         // Everything else we hold (the netlink socket, the notify socket, the drain's
         // copy of the listener) stays here. Old kernels lack close_range: then only the
         // descriptors opened close-on-exec are kept from the child, as Rust opens them.
+        let first = if listen_fd < 0 {
+            LISTEN_FD
+        } else {
+            LISTEN_FD + 1
+        };
         libc::syscall(
             libc::SYS_close_range,
-            (LISTEN_FD + 1) as libc::c_uint,
+            first as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
@@ -191,6 +206,16 @@ unsafe fn child(
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
             fail(report_fd);
         }
+        // Capabilities granted to us as ambient ones (CAP_NET_ADMIN, CAP_KILL for a
+        // non-root user) are for the switch, not for the server. Kernels before 4.3 have
+        // no ambient set: nothing to clear there.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         // The parent may have died before prctl took effect.
         if libc::getppid() as u32 != parent {
             libc::kill(libc::getpid(), libc::SIGTERM);
@@ -293,7 +318,7 @@ mod tests {
         );
         let act = Activation::new("sh", vec!["-c".into(), script.into()])
             .env(std::env::vars_os().collect());
-        let pid = act.spawn(listener.as_fd()).unwrap();
+        let pid = act.spawn(Some(listener.as_fd())).unwrap();
         let status = nix::sys::wait::waitpid(pid, None).unwrap();
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
         let link = std::fs::read_to_string(&out).unwrap();
@@ -310,13 +335,34 @@ mod tests {
     fn a_missing_program_is_reported_not_run() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let err = Activation::new("/nonexistent/program", vec![])
-            .spawn(listener.as_fd())
+            .spawn(Some(listener.as_fd()))
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         let err = Activation::new("no-such-program-anywhere", vec![])
-            .spawn(listener.as_fd())
+            .spawn(Some(listener.as_fd()))
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn without_a_listener_nothing_is_passed() {
+        let out = tempfile_path().with_extension("none");
+        let script = format!(
+            "test -z \"$LISTEN_PID$LISTEN_FDS$LISTEN_FDNAMES\" && ! test -e /proc/self/fd/3 && echo ok > {}",
+            out.display()
+        );
+        let env = vec![
+            ("LISTEN_FDNAMES".into(), "stale".into()),
+            ("PATH".into(), std::env::var_os("PATH").unwrap()),
+        ];
+        let pid = Activation::new("sh", vec!["-c".into(), script.into()])
+            .env(env)
+            .spawn(None)
+            .unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "ok\n");
+        let _ = std::fs::remove_file(&out);
     }
 
     fn tempfile_path() -> PathBuf {

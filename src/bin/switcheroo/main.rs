@@ -104,7 +104,8 @@ struct RunArgs {
     /// The socket's name in LISTEN_FDNAMES (default: the namespace)
     #[arg(long)]
     fd_name: Option<String>,
-    /// The server and its arguments; `{port}` in an argument becomes the internal port
+    /// The server and its arguments; `{port}` in an argument becomes the internal port, and
+    /// the server then binds it itself instead of getting the socket as fd 3
     #[arg(
         required = true,
         trailing_var_arg = true,

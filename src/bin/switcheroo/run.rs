@@ -25,6 +25,9 @@ LISTEN_FDNAMES=<name> (systemd socket activation: gunicorn, uvicorn --fd 3, Node
 {fd: 3}, Go's net.FileListener, ...), and SWITCHEROO_PORT=<internal port>. With
 --ready notify it also gets NOTIFY_SOCKET and must send READY=1.
 
+If an argument contains {port}, the server binds that port itself: it gets no socket and
+no LISTEN_* variables, and the drain reads the port's accept queue from /proc/net/tcp.
+
 Run it the same way again to deploy: the new instance switches the public port to its
 server once that is ready, then sends SIGTERM to the previous switcheroo, which waits
 until its server's accept queue has stayed empty for --drain-idle, forwards the signal,
@@ -145,10 +148,21 @@ impl Wrapper {
             .iter()
             .map(|a| with_port(a, port))
             .collect();
+        // A server that is told its port binds it itself: it gets no socket, and ours
+        // must be closed before it starts (the port stays ours meanwhile: begin skips the
+        // ports of this namespace's rules, and the random start makes a collision with
+        // another deploy unlikely).
+        let binds_itself = config.command[1..].iter().any(|a| with_port(a, port) != *a);
+        let listener = if binds_itself {
+            drop(listener);
+            None
+        } else {
+            Some(listener)
+        };
         let name = config.command[0].to_string_lossy().into_owned();
         let child = Activation::new(config.command[0].clone(), args)
             .env(env)
-            .spawn(listener.as_fd())
+            .spawn(listener.as_ref().map(|l| l.as_fd()))
             .map_err(|e| {
                 fail(
                     EXIT_NOT_READY,
@@ -161,7 +175,7 @@ impl Wrapper {
         );
         Ok(Wrapper {
             signals,
-            listener: Some(listener),
+            listener,
             child,
             name,
             port,
@@ -309,10 +323,16 @@ impl Wrapper {
             "got {signal}: waiting until the accept queue of port {} stays empty, then stopping {}",
             self.port, self.name
         );
-        let listener = self.listener.take().expect("listener kept until the stop");
+        // Our copy of the socket if the server got it; else the queue is read from
+        // /proc/net/tcp{,6} (a listening socket's rx_queue is its accept queue).
+        let listener = self.listener.take();
         let mut tracker = config.drain.tracker();
         let report = loop {
-            match tracker.check(&listener) {
+            let sample = match &listener {
+                Some(listener) => tracker.check(listener),
+                None => proc_accept_queue(self.port).map(|queued| tracker.check_len(queued)),
+            };
+            match sample {
                 Ok(Some(report)) => break Some(report),
                 Ok(None) => {}
                 Err(e) => {
@@ -453,6 +473,39 @@ impl Wrapper {
     }
 }
 
+/// The accept queue of the listening sockets on `port` in this network namespace, from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (0 when nothing listens there any more).
+fn proc_accept_queue(port: u16) -> std::io::Result<u32> {
+    let mut queued = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // No IPv6 in this kernel.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        queued += listen_queue(&text, port);
+    }
+    Ok(queued)
+}
+
+/// Sums the rx_queue of the LISTEN (state 0A) lines for `port` of a /proc/net/tcp table.
+fn listen_queue(table: &str, port: u16) -> u32 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let queues = fields.next()?;
+            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
+            (state == "0A" && local_port == port).then_some(rx)
+        })
+        .sum()
+}
+
 /// Logs an error and returns the exit code for it.
 fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
     error!("{message}");
@@ -514,6 +567,24 @@ mod tests {
         );
         assert_eq!(with_port(&"{port}{port}".into(), 7), "77");
         assert_eq!(with_port(&"{por}".into(), 7), "{por}");
+    }
+
+    #[test]
+    fn proc_net_tcp_listen_queue() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:9D90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:9D90 0100007F:A000 01 00000000:00000005 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 00000000:1F90 00000000:0000 0A 00000000:00000007 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        assert_eq!(listen_queue(table, 0x9D90), 3);
+        assert_eq!(listen_queue(table, 0x1F90), 7);
+        assert_eq!(listen_queue(table, 1), 0);
+        // A real listener: two connections nobody accepted.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _b = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(proc_accept_queue(port).unwrap(), 2);
     }
 
     #[test]
