@@ -53,6 +53,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
+mod cache;
 mod comment;
 mod drain;
 mod error;

@@ -1,5 +1,6 @@
 //! This namespace's rules as the kernel holds them, and the retried transaction over them.
 
+use crate::cache;
 use crate::comment::Identity;
 use crate::lock::NamespaceLock;
 use crate::{owner, Error, Result};
@@ -60,6 +61,11 @@ pub(crate) fn snapshot(
     namespace: Option<&str>,
     wanted: impl Fn(Chain) -> bool,
 ) -> Result<Snapshot> {
+    if let Some(namespace) = namespace {
+        if let Some(snap) = cached(conn, namespace, &wanted)? {
+            return Ok(snap);
+        }
+    }
     let generation = conn.generation()?;
     let mut snap = Snapshot {
         generation,
@@ -71,31 +77,129 @@ pub(crate) fn snapshot(
             if entries.is_empty() && wanted(chain) && !conn.chain_exists(family, chain)? {
                 snap.missing.push((family, chain));
             }
-            for entry in entries {
-                let Some(redirect) = entry.redirect else {
-                    continue;
-                };
-                let Some(id) = Identity::parse(&redirect.comment) else {
-                    continue;
-                };
-                if namespace.is_some_and(|ns| ns != id.namespace) {
-                    continue;
-                }
-                snap.ours.push(Rule {
-                    alive: owner::is_alive(&id),
-                    namespace: id.namespace,
-                    family,
-                    chain,
-                    handle: entry.handle,
-                    public_port: redirect.public_port,
-                    internal_port: redirect.to_port,
-                    pid: Some(id.pid),
-                    start: id.start,
-                });
-            }
+            snap.ours.extend(
+                entries
+                    .into_iter()
+                    .filter_map(|entry| switcheroo_rule(entry, family, chain, namespace)),
+            );
         }
     }
     Ok(snap)
+}
+
+/// `entry` as a switcheroo rule, if it is one (of `namespace`, when given).
+fn switcheroo_rule(
+    entry: RuleEntry,
+    family: Family,
+    chain: Chain,
+    namespace: Option<&str>,
+) -> Option<Rule> {
+    let redirect = entry.redirect?;
+    let id = Identity::parse(&redirect.comment)?;
+    if namespace.is_some_and(|ns| ns != id.namespace) {
+        return None;
+    }
+    Some(Rule {
+        alive: owner::is_alive(&id),
+        namespace: id.namespace,
+        family,
+        chain,
+        handle: entry.handle,
+        public_port: redirect.public_port,
+        internal_port: redirect.to_port,
+        pid: Some(id.pid),
+        start: id.start,
+    })
+}
+
+/// The snapshot from the record of the namespace's last commit (see [`cache`]), if the
+/// ruleset generation is still the recorded one, every recorded rule is still there and
+/// ours, and every wanted chain holds one of them (so it exists). `None`: dump instead.
+fn cached(
+    conn: &mut Conn,
+    namespace: &str,
+    wanted: impl Fn(Chain) -> bool,
+) -> Result<Option<Snapshot>> {
+    let Some(record) = cache::load(conn.netns(), namespace) else {
+        return Ok(None);
+    };
+    let covered = Family::ALL.into_iter().all(|family| {
+        Chain::ALL.into_iter().all(|chain| {
+            !wanted(chain)
+                || record
+                    .rules
+                    .iter()
+                    .any(|(f, c, _)| (*f, *c) == (family, chain))
+        })
+    });
+    if !covered {
+        return Ok(None);
+    }
+    let generation = conn.generation()?;
+    if generation != record.generation {
+        debug!(
+            "namespace {namespace}: the ruleset changed since the last commit (generation {} -> {generation}); dumping",
+            record.generation
+        );
+        return Ok(None);
+    }
+    let mut ours = Vec::with_capacity(record.rules.len());
+    for (family, chain, handle) in record.rules {
+        let rule = conn
+            .get_rule(family, chain, handle)?
+            .and_then(|entry| switcheroo_rule(entry, family, chain, Some(namespace)));
+        match rule {
+            Some(rule) => ours.push(rule),
+            None => {
+                debug!("namespace {namespace}: recorded rule {family} {chain} {handle} is not ours; dumping");
+                return Ok(None);
+            }
+        }
+    }
+    debug!(
+        "namespace {namespace}: generation {generation} unchanged since the last commit; no dump"
+    );
+    Ok(Some(Snapshot {
+        generation,
+        ours,
+        missing: Vec::new(),
+    }))
+}
+
+/// After a transaction: records this namespace's rules for the next one if the generation
+/// moved by exactly this transaction, else drops any record.
+fn record(conn: &mut Conn, namespace: &str, snap: &Snapshot, batch: &Batch, applied: &Applied) {
+    let deleted: Vec<(Family, Chain, Handle)> = batch
+        .ops()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Delete(f, c, h) => Some((*f, *c, *h)),
+            _ => None,
+        })
+        .collect();
+    let mut rules: Vec<(Family, Chain, u64)> = snap
+        .ours
+        .iter()
+        .filter(|r| !deleted.contains(&(r.family, r.chain, r.handle)))
+        .map(|r| (r.family, r.chain, r.handle.get()))
+        .collect();
+    rules.extend(applied.inserted.iter().filter_map(|entry| {
+        let chain = Chain::ALL.into_iter().find(|c| c.name() == entry.chain)?;
+        Some((entry.family, chain, entry.handle.get()))
+    }));
+    let after = conn.generation().ok();
+    if after == Some(snap.generation.wrapping_add(1)) && !rules.is_empty() {
+        cache::store(
+            conn.netns(),
+            namespace,
+            &cache::Record {
+                generation: snap.generation.wrapping_add(1),
+                rules,
+            },
+        );
+    } else {
+        cache::forget(conn.netns(), namespace);
+    }
 }
 
 /// Dumps one chain, again if a concurrent change interrupted the dump (NLM_F_DUMP_INTR).
@@ -151,7 +255,10 @@ pub(crate) fn transact(
             describe(batch.ops())
         );
         match conn.apply(&batch) {
-            Ok(applied) => return Ok((snap, applied, attempt)),
+            Ok(applied) => {
+                record(conn, namespace, &snap, &batch, &applied);
+                return Ok((snap, applied, attempt));
+            }
             Err(e) if e.is_conflict() && attempt < max_attempts => {
                 if attempt == max_attempts / 2 {
                     warn!("namespace {namespace}: {attempt} conflicting transactions in a row; the chains are changing fast ({e})");

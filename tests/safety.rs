@@ -585,3 +585,72 @@ fn a_non_root_user_with_only_net_admin_and_kill_can_deploy() {
         "runs as nobody"
     );
 }
+
+/// The record a commit leaves for the next one (`/run/switcheroo/net<netns inode>-<ns>`).
+fn record_path(ns: &Netns, namespace: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/run/netns/{}", ns.name))
+        .expect("netns file")
+        .ino();
+    format!("/run/switcheroo/net{ino}-{namespace}").into()
+}
+
+/// `nft -a` handles of the rules in `family nat chain` whose line contains `needle`.
+fn handles(ns: &Netns, family: &str, chain: &str, needle: &str) -> Vec<u64> {
+    ns.ok(&["nft", "-a", "list", "chain", family, "nat", chain])
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.rsplit_once("# handle ")?.1.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.run("iptables-nft -t nat -I PREROUTING -p tcp --dport 7777 -j RETURN");
+    let mut a = ns.hello(&[]);
+    let path = record_path(&ns, "hello");
+    let text = std::fs::read_to_string(&path).expect("the commit left a record");
+    let recorded: Vec<&str> = text.lines().filter(|l| l.starts_with("rule ")).collect();
+    let mut expected: Vec<String> = Vec::new();
+    for (family, chain) in [
+        ("ip", "PREROUTING"),
+        ("ip", "OUTPUT"),
+        ("ip6", "PREROUTING"),
+        ("ip6", "OUTPUT"),
+    ] {
+        for h in handles(&ns, family, chain, &format!("redirect to :{} ", a.port)) {
+            expected.push(format!("rule {family} {chain} {h}"));
+        }
+    }
+    assert_eq!(recorded, expected, "the record names exactly A's rules");
+
+    // Point the record's IPv4 PREROUTING entry at the foreign rule, generation unchanged.
+    let foreign = handles(&ns, "ip", "PREROUTING", "dport 7777");
+    assert_eq!(foreign.len(), 1);
+    let forged: String = text
+        .lines()
+        .map(|l| match l.starts_with("rule ip PREROUTING ") {
+            true => format!("rule ip PREROUTING {}\n", foreign[0]),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&path, forged).unwrap();
+
+    let b = ns.hello(&[]);
+    a.expect_clean_exit("A, replaced despite the forged record");
+    assert_eq!(
+        handles(&ns, "ip", "PREROUTING", "dport 7777"),
+        foreign,
+        "foreign rule intact"
+    );
+    let rules = ours(&ns);
+    assert_eq!(rules.len(), 4, "{rules:?}");
+    assert!(
+        rules.iter().all(|l| l.contains(&format!("pid={}:", b.pid))),
+        "{rules:?}"
+    );
+}

@@ -34,6 +34,7 @@ const F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
 /// netlink socket is released.
 pub struct Conn {
     sock: mnl::Socket,
+    netns: Option<u64>,
     seq: u32,
     rx: AlignedBuf,
     tx: AlignedBuf,
@@ -76,6 +77,11 @@ impl Conn {
             .map_err(|errno| Error::from_errno(op(), errno, Context::Nftables))?;
         Ok(Conn {
             sock,
+            // The socket belongs to the calling thread's namespace (setns(2) moves threads
+            // one by one, hence thread-self).
+            netns: std::fs::metadata("/proc/thread-self/ns/net")
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
             // Any start works; a time-based one keeps replies to an earlier socket with the
             // same port id from being mistaken for ours.
             seq: std::time::SystemTime::now()
@@ -85,6 +91,12 @@ impl Conn {
             rx: AlignedBuf::zeroed(RECV_BUF),
             tx: AlignedBuf::default(),
         })
+    }
+
+    /// The inode number of the network namespace the socket was opened in (as
+    /// `/proc/thread-self/ns/net` showed it then); `None` without /proc.
+    pub fn netns(&self) -> Option<u64> {
+        self.netns
     }
 
     fn next_seq(&mut self, count: u32) -> u32 {
@@ -266,6 +278,49 @@ impl Conn {
                 errno: Errno::ENOENT,
                 ..
             }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The rule with the raw handle number `handle` in `family`'s nat `chain`
+    /// (`NFT_MSG_GETRULE` without a dump: one rule, whatever the chain holds), or `None` if
+    /// there is no such rule. The [`Handle`](crate::Handle) of the result comes from the kernel's reply.
+    pub fn get_rule(
+        &mut self,
+        family: Family,
+        chain: Chain,
+        handle: u64,
+    ) -> Result<Option<RuleEntry>, Error> {
+        let op = || format!("looking up rule {handle} of {family} {TABLE} {chain}");
+        let mut found = None;
+        let result = self.request(
+            &op,
+            Context::Read,
+            |seq, buf| {
+                let mut rule = rule_in(chain);
+                rule.set_u64(sys::NFTNL_RULE_HANDLE as u16, handle);
+                buf.put(
+                    libc::NFT_MSG_GETRULE as u16,
+                    family.nfproto(),
+                    F_ACK,
+                    seq,
+                    Some(&rule),
+                );
+            },
+            |msg| {
+                if msg.kind == MSG_NEWRULE {
+                    found = parse_rule_message(msg.payload).filter(|r| {
+                        r.family == family && r.chain == chain.name() && r.handle.get() == handle
+                    });
+                }
+            },
+        );
+        match result {
+            Ok(()) => Ok(found),
+            Err(Error::Kernel {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
