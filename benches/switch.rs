@@ -245,10 +245,11 @@ fn serve(listener: TcpListener) {
     });
 }
 
-fn conn_rate(target: &str, secs: u64) -> f64 {
+fn conn_rate(target: &str, secs: u64, sources: u32) -> f64 {
     let mut plan = load::Plan::new(target.parse().unwrap());
     plan.close_clients = 4;
     plan.keepalive_clients = 0;
+    plan.sources = sources;
     let l = load::Load::start(&plan);
     std::thread::sleep(Duration::from_secs(secs));
     let started = l.started;
@@ -347,18 +348,28 @@ fn main() {
     let port = takeover.port();
     serve(listener);
     takeover.commit().unwrap();
-    // One second each, alternating: long runs at this rate recycle ephemeral ports while
-    // their conntrack entries are still in TIME_WAIT, which measures port reuse, not NAT.
-    let (mut direct, mut redirected) = (0.0, 0.0);
-    for _ in 0..3 {
-        direct += conn_rate(&format!("127.0.0.1:{port}"), 1) / 3.0;
-        std::thread::sleep(Duration::from_secs(1));
-        redirected += conn_rate("127.0.0.1:8080", 1) / 3.0;
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    // One second each, alternating. From one client address, a client at this rate reuses
+    // its ephemeral ports within seconds while the server still holds those connections in
+    // TIME_WAIT; through the redirect many such SYNs are refused by the TIME_WAIT socket's
+    // timestamp check (TcpExtPAWSTimewait counts them) and wait a second for the SYN to be
+    // retransmitted, so that figure measures port reuse, not NAT. From 1,000 client
+    // addresses, as real traffic comes, it is the redirect's own cost; that is the target.
+    let rates = |sources: u32| {
+        let (mut direct, mut redirected) = (0.0, 0.0);
+        for _ in 0..3 {
+            direct += conn_rate(&format!("127.0.0.1:{port}"), 1, sources) / 3.0;
+            std::thread::sleep(Duration::from_secs(1));
+            redirected += conn_rate("127.0.0.1:8080", 1, sources) / 3.0;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        (direct, redirected)
+    };
+    let (direct1, redirected1) = rates(0);
+    let (direct, redirected) = rates(1000);
     println!(
-        "connections/s (new connection per request, 4 client threads): direct {direct:.0}, through the redirect {redirected:.0} ({:.0}%)",
-        redirected / direct * 100.0
+        "connections/s (new connection per request, 4 client threads), 1,000 client addresses: direct {direct:.0}, through the redirect {redirected:.0} ({:.0}%); one client address: direct {direct1:.0}, through the redirect {redirected1:.0} ({:.0}%)",
+        redirected / direct * 100.0,
+        redirected1 / direct1 * 100.0
     );
 
     // Memory: resident memory per instance, from 100 instances that have each begun (so
@@ -414,7 +425,7 @@ fn main() {
     let growth = elsewhere.as_secs_f64() / medians[0].1.as_secs_f64();
     println!("- cost grows only with our chains: 10,000 rules elsewhere in the table cost {growth:.2}× empty ({})", met(growth < 1.5));
     println!(
-        "- connections through the redirect ≥ 90% of direct: {:.0}% ({})",
+        "- connections through the redirect ≥ 90% of direct (1,000 client addresses): {:.0}% ({})",
         redirected / direct * 100.0,
         met(redirected / direct >= 0.9)
     );

@@ -94,6 +94,10 @@ pub struct Plan {
     pub keepalive_clients: usize,
     /// Pause between requests of one thread (zero: as fast as possible).
     pub pause: Duration,
+    /// With an IPv4 loopback target: bind each new connection to one of this many source
+    /// addresses (127.1.0.1, 127.1.1.1, ...), as many clients would come from; 0: the
+    /// kernel's choice (127.0.0.1 for everything).
+    pub sources: u32,
     pub timeout: Duration,
 }
 
@@ -105,6 +109,7 @@ impl Plan {
             keepalive_clients: 2,
             pause: Duration::ZERO,
             timeout: Duration::from_secs(10),
+            sources: 0,
         }
     }
 }
@@ -148,9 +153,14 @@ impl Load {
 
 fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
     let mut conn: Option<BufReader<TcpStream>> = None;
+    let mut n: u32 = rand_start();
     while !stop.load(Ordering::Relaxed) {
+        n = n.wrapping_add(1);
         let result = if keepalive {
             keepalive_request(plan, &mut conn)
+        } else if plan.sources > 0 {
+            connect_from(plan, n % plan.sources)
+                .and_then(|s| request(&mut BufReader::new(s), false).map(|(pid, _)| pid))
         } else {
             connect(plan).and_then(|s| request(&mut BufReader::new(s), false).map(|(pid, _)| pid))
         };
@@ -163,6 +173,45 @@ fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
 
 fn connect(plan: &Plan) -> io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&plan.target, plan.timeout)?;
+    s.set_read_timeout(Some(plan.timeout))?;
+    s.set_write_timeout(Some(plan.timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A different starting source address per thread.
+fn rand_start() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// Connects from loopback source address number `i` (127.1.0.1 + 256·i, wrapping into
+/// the second and third octets), so that connections spread over many client addresses.
+fn connect_from(plan: &Plan, i: u32) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        bind, connect as nix_connect, setsockopt, socket, sockopt, AddressFamily, SockFlag,
+        SockType, SockaddrIn,
+    };
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(target) = plan.target else {
+        return connect(plan);
+    };
+    let src = Ipv4Addr::new(127, 1 + (i / 250 % 250) as u8, (i % 250) as u8 + 1, 1);
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // connect(2) honours the send timeout.
+    let timeout = nix::sys::time::TimeVal::new(plan.timeout.as_secs() as i64, 0);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))?;
+    nix_connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
+    let s = TcpStream::from(fd);
     s.set_read_timeout(Some(plan.timeout))?;
     s.set_write_timeout(Some(plan.timeout))?;
     s.set_nodelay(true)?;
