@@ -148,22 +148,18 @@ fn gunicorn_deployed_eight_times_under_load_fails_no_request() {
         let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
         (stats, old)
     });
-    let ok: u64 = stats.iter().map(|s| s.ok()).sum();
-    let failed: u64 = stats.iter().map(|s| s.failed()).sum();
-    let samples: Vec<_> = stats
-        .iter()
-        .flat_map(|s| s.samples.lock().unwrap().clone())
-        .collect();
+    let load::Totals {
+        ok,
+        failed,
+        samples,
+        answered,
+    } = load::Totals::of(&stats);
     eprintln!(
         "gunicorn: {DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
         started.elapsed()
     );
     assert_eq!(failed, 0, "failed requests: {samples:?}");
     assert!(ok > 500, "the load ran: {ok} requests");
-    let answered: Vec<u32> = stats
-        .iter()
-        .flat_map(|s| s.pids.lock().unwrap().clone())
-        .collect();
     for server in &servers {
         assert!(
             answered.contains(server),

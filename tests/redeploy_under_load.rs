@@ -52,12 +52,12 @@ fn twenty_redeploys_under_load_drop_nothing() {
         }
         (stats, pids)
     });
-    let ok: u64 = stats.iter().map(|s| s.ok()).sum();
-    let failed: u64 = stats.iter().map(|s| s.failed()).sum();
-    let samples: Vec<_> = stats
-        .iter()
-        .flat_map(|s| s.samples.lock().unwrap().clone())
-        .collect();
+    let load::Totals {
+        ok,
+        failed,
+        samples,
+        answered,
+    } = load::Totals::of(&stats);
     eprintln!(
         "{DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
         started.elapsed()
@@ -65,10 +65,6 @@ fn twenty_redeploys_under_load_drop_nothing() {
     assert_eq!(failed, 0, "failed requests: {samples:?}");
     assert!(ok > 1000, "the load ran: {ok} requests");
     // New connections reached every instance in turn.
-    let answered: Vec<u32> = stats
-        .iter()
-        .flat_map(|s| s.pids.lock().unwrap().clone())
-        .collect();
     for pid in &pids[1..] {
         assert!(answered.contains(pid), "instance {pid} never answered");
     }

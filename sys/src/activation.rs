@@ -31,42 +31,20 @@ pub fn take_listener() -> io::Result<Option<TcpListener>> {
             format!("LISTEN_FDS is set for this process but fd 3 {what}"),
         )
     };
-    // SAFETY: fstat and getsockopt only read from fd 3 into locals of the right size; a
-    // closed fd yields EBADF.
-    let (mode, accepting, kind, domain) = unsafe {
+    // SAFETY: fstat only writes into a local stat of the right type; a closed fd yields
+    // EBADF.
+    let mode = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(LISTEN_FD, &mut st) < 0 {
             return Err(not_a_listener("is not open"));
         }
-        let mut accepting: libc::c_int = 0;
-        let mut kind: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            LISTEN_FD,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut accepting as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            LISTEN_FD,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        let mut domain: libc::c_int = 0;
-        len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            LISTEN_FD,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        (st.st_mode, accepting, kind, domain)
+        st.st_mode
     };
+    let (accepting, kind, domain) = (
+        int_option(libc::SO_ACCEPTCONN),
+        int_option(libc::SO_TYPE),
+        int_option(libc::SO_DOMAIN),
+    );
     if mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(not_a_listener("is not a socket"));
     }
@@ -84,4 +62,25 @@ pub fn take_listener() -> io::Result<Option<TcpListener>> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )?;
     Ok(Some(listener))
+}
+
+/// An integer `SOL_SOCKET` option of fd 3; 0 if it cannot be read.
+fn int_option(name: libc::c_int) -> libc::c_int {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, a local c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            LISTEN_FD,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        0
+    } else {
+        value
+    }
 }

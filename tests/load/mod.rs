@@ -84,6 +84,34 @@ impl Stats {
     }
 }
 
+/// The counters of several loads, added up.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first failures of each load.
+    pub samples: Vec<(Failure, String)>,
+    /// Every pid that answered.
+    pub answered: Vec<u32>,
+}
+
+impl Totals {
+    pub fn of(stats: &[Arc<Stats>]) -> Totals {
+        Totals {
+            ok: stats.iter().map(|s| s.ok()).sum(),
+            failed: stats.iter().map(|s| s.failed()).sum(),
+            samples: stats
+                .iter()
+                .flat_map(|s| s.samples.lock().unwrap().clone())
+                .collect(),
+            answered: stats
+                .iter()
+                .flat_map(|s| s.pids.lock().unwrap().clone())
+                .collect(),
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Plan {
