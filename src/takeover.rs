@@ -49,7 +49,8 @@ impl Takeover {
     /// Points the public port at this instance, atomically.
     ///
     /// Reads the generation and this namespace's rules (one dump per chain, filtered in the
-    /// kernel), then sends ONE batch that creates the nat table and chains where missing,
+    /// kernel; or, when the generation is still the one the namespace's last commit recorded
+    /// in `/run/switcheroo/`, each recorded rule fetched by handle), then sends ONE batch that creates the nat table and chains where missing,
     /// inserts the new redirect at the head of each chain of the routes, and deletes every
     /// older rule of the namespace by handle. If the ruleset changed in between, the kernel
     /// refuses the batch whole; it is recomputed from a fresh dump after a short random
@@ -57,7 +58,9 @@ impl Takeover {
     /// that, with nothing applied).
     ///
     /// Then each owner of a deleted rule is sent SIGTERM, only if its pid and start time
-    /// match the rule, and never the calling process.
+    /// match the rule, and never the calling process. If the generation moved by exactly
+    /// this batch, the new generation and handles are recorded for the next commit (a
+    /// small file, only where `/run/switcheroo` can be made private to this user).
     pub fn commit(self) -> Result<Report> {
         let started = Instant::now();
         let sw = &self.sw;
