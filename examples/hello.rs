@@ -1,10 +1,11 @@
 //! `hello`: a small HTTP/1.1 server that deploys with switcheroo, std only.
 //!
 //! ```text
-//! hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]
+//! hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--hold-ms N] [--no-drain]
 //! ```
 //!
-//! Defaults: namespace `hello`, public port 8080, internal ports 40400-40499, both routes.
+//! Defaults: namespace `hello`, public port 8080, internal ports 40400-40499, both routes,
+//! no commit record (`--record-dir` turns it on; see `Builder::record_dir`).
 //! Every request gets `200` with the body `hello from pid <pid> port <internal port>`;
 //! `GET /sleep?ms=N` answers the same after N ms. Once its commit is done it prints
 //! `ready pid=<pid> port=<port>` on stdout.
@@ -30,8 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use switcheroo::{Drain, Shutdown, Switcheroo};
 
-const USAGE: &str =
-    "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--hold-ms N] [--no-drain]";
+const USAGE: &str = "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--hold-ms N] [--no-drain]";
 
 /// How long a keep-alive connection with no request in progress stays open after shutdown
 /// began. A client that sends its next request within this window still gets an answer
@@ -46,6 +46,7 @@ struct Args {
     namespace: String,
     port: u16,
     range: Option<(u16, u16)>,
+    record_dir: Option<String>,
     hold: Option<Duration>,
     drain: bool,
 }
@@ -57,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         namespace: "hello".into(),
         port: 8080,
         range: None,
+        record_dir: None,
         hold: None,
         drain: true,
     };
@@ -82,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
         };
         match flag.as_str() {
             "--namespace" => args.namespace = value.clone(),
+            "--record-dir" => args.record_dir = Some(value.clone()),
             "--port" => args.port = port(&value)?,
             "--range" => {
                 let (min, max) = value
@@ -133,6 +136,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let mut builder = Switcheroo::builder(args.namespace.as_str(), args.port);
             if let Some((min, max)) = args.range {
                 builder = builder.port_range(min..=max);
+            }
+            if let Some(dir) = &args.record_dir {
+                builder = builder.record_dir(dir);
             }
             let (listener, takeover) = builder.build()?.begin()?;
             (listener, Some(takeover))

@@ -37,11 +37,17 @@ pub fn notify(state: &str) -> io::Result<bool> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(false);
     };
-    let path = path.to_string_lossy();
-    let addr = match path.strip_prefix('@') {
+    notify_to(&path.to_string_lossy(), state)?;
+    Ok(true)
+}
+
+/// Sends `state` to the notify socket `socket`, a path or, starting with `@`, an abstract
+/// name (the two forms `NOTIFY_SOCKET` takes), in one datagram.
+pub fn notify_to(socket: &str, state: &str) -> io::Result<()> {
+    let addr = match socket.strip_prefix('@') {
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
-        None => SocketAddr::from_pathname(&*path)?,
+        None => SocketAddr::from_pathname(socket)?,
     };
     UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
-    Ok(true)
+    Ok(())
 }

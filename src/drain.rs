@@ -124,12 +124,18 @@ impl DrainTracker {
         Ok(self.observe(queued, Instant::now()))
     }
 
-    /// Records one sample of the accept queue's length that the caller read some other way
-    /// (e.g. from `/proc/net/tcp` for a listener held by another process; its `rx_queue`
-    /// column is the accept queue of a listening socket). `Some(report)` when the drain is
-    /// over.
+    /// Records one sample of the accept queue's length that the caller read some other way.
+    /// `Some(report)` when the drain is over.
     pub fn check_len(&mut self, queued: u32) -> Option<DrainReport> {
         self.observe(queued, Instant::now())
+    }
+
+    /// Samples the accept queues of every socket listening on TCP `port` in the calling
+    /// thread's network namespace, for a listener held by another process: see
+    /// [`accept_queue_of_port`]. `Some(report)` when the drain is over.
+    pub fn check_port(&mut self, port: u16) -> io::Result<Option<DrainReport>> {
+        let queued = accept_queue_of_port(port)?;
+        Ok(self.observe(queued, Instant::now()))
     }
 
     fn observe(&mut self, queued: u32, now: Instant) -> Option<DrainReport> {
@@ -155,10 +161,63 @@ impl DrainTracker {
     }
 }
 
+/// The connections waiting in the accept queues of the sockets listening on TCP `port` in
+/// the calling thread's network namespace (0 when nothing listens there), from
+/// `/proc/thread-self/net/tcp` and `tcp6`: the `rx_queue` column of a listening socket's
+/// line is its accept queue. For a listener that another process holds.
+pub fn accept_queue_of_port(port: u16) -> io::Result<u32> {
+    let mut queued = 0;
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = match std::fs::read_to_string(table) {
+            Ok(text) => text,
+            // No IPv6 in this kernel.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        queued += listen_queue(&text, port);
+    }
+    Ok(queued)
+}
+
+/// Sums the rx_queue of the LISTEN (state 0A) lines for `port` of a /proc/net/tcp table.
+fn listen_queue(table: &str, port: u16) -> u32 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            let queues = fields.next()?;
+            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
+            (state == "0A" && local_port == port).then_some(rx)
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn proc_net_tcp_listen_queue() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:9D90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:9D90 0100007F:A000 01 00000000:00000005 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 00000000:1F90 00000000:0000 0A 00000000:00000007 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
+";
+        assert_eq!(listen_queue(table, 0x9D90), 3);
+        assert_eq!(listen_queue(table, 0x1F90), 7);
+        assert_eq!(listen_queue(table, 1), 0);
+        // A real listener: two connections nobody accepted.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(accept_queue_of_port(port).unwrap(), 2);
+    }
 
     #[test]
     fn queue_activity_restarts_the_idle_period() {

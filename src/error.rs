@@ -73,19 +73,26 @@ pub enum Error {
     #[error(transparent)]
     Netlink(switcheroo_sys::Error),
     /// Another instance of the namespace kept its commit lock for too long (it is stopped
-    /// or hung); nothing was changed.
-    #[error("namespace {namespace:?}: another instance has been committing for {waited:?}; check for a stopped or hung instance, then retry")]
+    /// or hung); nothing was changed. Only a process with CAP_NET_ADMIN in the network
+    /// namespace can hold the lock.
+    #[error("namespace {namespace:?}: another instance has held the commit lock for {waited:?}; check for a stopped or hung instance (`nft list tables` shows the lock as table inet switcheroo-lock-{namespace} while it is held), then retry")]
     Busy {
         /// The namespace.
         namespace: String,
         /// How long this call waited.
         waited: std::time::Duration,
     },
-    /// The namespace's commit lock (an abstract unix socket) could not be created.
-    #[error("namespace {namespace:?}: creating the commit lock (abstract unix socket @switcheroo/{namespace}): {source}")]
-    Lock {
-        /// The namespace.
-        namespace: String,
+    /// The file given to [`Builder::netns`](crate::Builder::netns) is not a network
+    /// namespace.
+    #[error(
+        "the file given as network namespace is not one: open /run/netns/NAME or /proc/PID/ns/net"
+    )]
+    InvalidNetns,
+    /// The network namespace could not be determined or entered.
+    #[error("{op}: {source}")]
+    Netns {
+        /// What was being done.
+        op: String,
         /// The system error.
         source: std::io::Error,
     },
@@ -100,15 +107,14 @@ pub enum Error {
 }
 
 impl From<switcheroo_sys::Error> for Error {
+    /// A conflict becomes [`Error::Conflict`] only where attempts are counted (the
+    /// transaction's retry loop); one that reaches this conversion stays a netlink error,
+    /// whose message says to retry.
     fn from(e: switcheroo_sys::Error) -> Self {
         use switcheroo_sys::Error as Sys;
         match e {
             Sys::PermissionDenied { .. } => Error::PermissionDenied(e),
             Sys::Unsupported { .. } => Error::Unsupported(e),
-            Sys::Conflict { .. } => Error::Conflict {
-                attempts: 1,
-                source: e,
-            },
             e => Error::Netlink(e),
         }
     }

@@ -53,25 +53,29 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
-mod cache;
 mod comment;
 mod drain;
 mod error;
 mod lock;
+mod netns;
 mod owner;
 mod port;
+pub mod process;
+mod record;
 mod routes;
-mod rules;
+mod rule;
 mod shutdown;
+mod snapshot;
 mod switcheroo;
 mod takeover;
+mod transaction;
 
 pub use comment::Identity;
 pub use drain::{Drain, DrainReport, DrainTracker};
 pub use error::{Error, Result};
 pub use routes::Routes;
-pub use rules::{all_rules, cleanup, Rule};
+pub use rule::Rule;
 pub use shutdown::Shutdown;
-pub use switcheroo::{Builder, Switcheroo, DEFAULT_PORT_RANGE};
+pub use switcheroo::{all_rules, cleanup, Builder, Switcheroo, DEFAULT_PORT_RANGE};
 pub use switcheroo_sys::{Chain, Family, Handle};
 pub use takeover::{Report, Takeover};

@@ -3,85 +3,104 @@
 //! Two instances of a namespace that commit at the same moment must not both insert
 //! without seeing each other. The ruleset generation would catch that, but binding every
 //! batch to the generation lets any busy foreign writer (a tight netlink loop changes it
-//! every few microseconds) starve us. Instead, the instances of a namespace take turns: the
-//! lock is an abstract unix socket, `@switcheroo/<namespace>`, which the kernel scopes to the
-//! network namespace (the same one the rules live in) and releases when its holder exits,
-//! crashed or not. Foreign writers need no lock: our batch deletes only handles it read and
-//! inserts at the head, so they cannot make it do anything wrong, only fail (ENOENT) and
-//! retry.
+//! every few microseconds) starve us. Instead, the instances of a namespace take turns on a
+//! lock, and the lock is an object of the ruleset itself: an empty `inet` table named
+//! `switcheroo-lock-<namespace>`, created owned by the committing socket
+//! (`NFT_TABLE_F_OWNER`, Linux 5.12). So
+//!
+//! - only a process with CAP_NET_ADMIN in the network namespace can hold it, the same
+//!   privilege a commit needs (an unprivileged user can neither create nor delete it);
+//! - the kernel refuses every other socket to touch it and `nft flush ruleset` skips it;
+//! - it belongs to the same network namespace as the rules, whichever thread asks;
+//! - the kernel deletes it when its socket closes, so a holder killed at any instant
+//!   releases it;
+//! - the commit batch deletes it as its last operation: the release is part of the
+//!   transaction.
+//!
+//! Foreign writers need no lock: our batch deletes only handles it read and inserts at the
+//! head, so they cannot make it do anything wrong, only fail (ENOENT) and retry. On a
+//! kernel without owned tables (before 5.12) there is no lock, and every batch is bound to
+//! the generation instead: correct, but a busy foreign writer can then slow a commit down.
 
 use crate::{Error, Result};
 use log::{debug, warn};
-use std::io;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener};
+use nix::errno::Errno;
 use std::time::{Duration, Instant};
+use switcheroo_sys::{Batch, Conn, Op, OwnedTable};
 
 /// How long a commit waits for another instance of its namespace. A commit holds the lock
-/// for well under a millisecond; waiting this long means the holder is stuck (stopped or
-/// hung in the kernel).
+/// for about a millisecond (longer only while dumping chains of many thousand rules);
+/// waiting this long means the holder is stopped or hung.
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The held lock; released on drop.
+/// The outcome of taking the lock.
 #[derive(Debug)]
-pub(crate) struct NamespaceLock(#[allow(dead_code)] UnixListener);
+pub(crate) enum Lock {
+    /// Held through this table; the transaction's batch deletes it.
+    Held(OwnedTable),
+    /// This kernel has no owned tables: batches must be bound to the generation.
+    Unavailable,
+}
 
-impl NamespaceLock {
-    pub fn acquire(namespace: &str) -> Result<NamespaceLock> {
-        let name = format!("switcheroo/{namespace}");
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())
-            .map_err(|e| lock_error(namespace, e))?;
+impl Lock {
+    /// Takes the lock of `namespace` on `conn`, waiting up to [`WAIT`] while another
+    /// socket holds it. Returns how long it waited.
+    pub fn acquire(conn: &mut Conn, namespace: &str) -> Result<(Lock, Duration)> {
+        let table = OwnedTable::new(format!("switcheroo-lock-{namespace}"))?;
+        let mut batch = Batch::new(None);
+        batch.push(Op::AddOwnedTable(table.clone()));
         let started = Instant::now();
-        let mut waited = false;
         loop {
-            match UnixListener::bind_addr(&addr) {
-                Ok(sock) => {
-                    if waited {
-                        debug!(
-                            "namespace {namespace}: lock acquired after {:?}",
-                            started.elapsed()
-                        );
+            match conn.apply(&batch) {
+                Ok(_) => {
+                    let waited = started.elapsed();
+                    if waited > Duration::from_millis(1) {
+                        debug!("namespace {namespace}: lock acquired after {waited:?}");
                     }
-                    return Ok(NamespaceLock(sock));
+                    return Ok((Lock::Held(table), waited));
                 }
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                Err(e) if e.is_held() => {
                     if started.elapsed() > WAIT {
                         warn!("namespace {namespace}: another instance has held the commit lock for {WAIT:?}");
                         return Err(Error::Busy {
                             namespace: namespace.to_owned(),
-                            waited: WAIT,
+                            waited: started.elapsed(),
                         });
                     }
-                    waited = true;
                     std::thread::sleep(Duration::from_micros(rand::random_range(200..=1000)));
                 }
-                Err(e) => return Err(lock_error(namespace, e)),
+                Err(switcheroo_sys::Error::Kernel {
+                    errno: Errno::EOPNOTSUPP,
+                    ..
+                }) => {
+                    debug!("namespace {namespace}: no owned tables in this kernel (before Linux 5.12); binding batches to the generation instead of locking");
+                    return Ok((Lock::Unavailable, started.elapsed()));
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
-}
 
-fn lock_error(namespace: &str, source: io::Error) -> Error {
-    Error::Lock {
-        namespace: namespace.to_owned(),
-        source,
+    /// The operation that releases the lock, for the end of a batch.
+    pub fn release_op(&self) -> Option<Op> {
+        match self {
+            Lock::Held(table) => Some(Op::DeleteOwnedTable(table.clone())),
+            Lock::Unavailable => None,
+        }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Releases the lock on its own, when no batch of the transaction was applied.
+    pub fn release(self, conn: &mut Conn) -> Result<()> {
+        if let Some(op) = self.release_op() {
+            let mut batch = Batch::new(None);
+            batch.push(op);
+            conn.apply(&batch)?;
+        }
+        Ok(())
+    }
 
-    #[test]
-    fn the_lock_is_exclusive_and_released_on_drop() {
-        let ns = format!("locktest-{}", std::process::id());
-        let held = NamespaceLock::acquire(&ns).unwrap();
-        let addr = SocketAddr::from_abstract_name(format!("switcheroo/{ns}").as_bytes()).unwrap();
-        assert_eq!(
-            UnixListener::bind_addr(&addr).unwrap_err().kind(),
-            io::ErrorKind::AddrInUse
-        );
-        drop(held);
-        NamespaceLock::acquire(&ns).unwrap();
+    /// Whether batches must carry the generation they were computed at.
+    pub fn needs_generation(&self) -> bool {
+        matches!(self, Lock::Unavailable)
     }
 }

@@ -2,21 +2,13 @@
 //! terminating it only then.
 
 use crate::comment::Identity;
+use crate::process::Stat;
 use nix::errno::Errno;
 use switcheroo_sys::PidFd;
 
-/// The start time of `pid`: field 22 of `/proc/<pid>/stat`, in clock ticks since boot.
+/// The start time of `pid` (field 22 of `/proc/<pid>/stat`), if it runs.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line. Field 2, the command in parentheses, may contain
-/// spaces and parentheses itself, so the count starts after its last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Fields 3.. follow; field 22 is the 20th of them.
-    after_comm.split_ascii_whitespace().nth(19)?.parse().ok()
+    Stat::of(pid).ok().map(|s| s.start_time)
 }
 
 /// This process, as its rules name it.
@@ -99,14 +91,6 @@ fn libc_sigterm() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_time_survives_odd_command_names() {
-        let mut fields: Vec<String> = (3..=52).map(|i| i.to_string()).collect();
-        fields[19] = "98765".into(); // field 22
-        let stat = format!("1234 (a) b (c) {}", fields.join(" "));
-        assert_eq!(parse_start_time(&stat), Some(98765));
-    }
 
     #[test]
     fn this_process_has_a_start_time_and_is_alive() {

@@ -3,7 +3,7 @@
 
 use crate::comment::Identity;
 use crate::owner::{self, Termination};
-use crate::rules::{self, Rule};
+use crate::rule::Rule;
 use crate::{Result, Switcheroo};
 use log::{info, warn};
 use std::time::{Duration, Instant};
@@ -30,8 +30,12 @@ pub struct Report {
     /// The processes that were sent SIGTERM: owners of removed rules whose identity (pid
     /// and start time) was confirmed.
     pub signalled: Vec<u32>,
-    /// How many transactions were tried (more than 1 when the ruleset changed under one).
+    /// How many attempts were made (more than 1 when the ruleset changed under one: an
+    /// interrupted dump and a refused batch count alike).
     pub attempts: u32,
+    /// How long the commit waited for another instance of the namespace to finish its own
+    /// (zero when the lock was free).
+    pub lock_wait: Duration,
     /// Time from the call to the applied transaction (before signalling).
     pub elapsed: Duration,
 }
@@ -48,19 +52,20 @@ impl Takeover {
 
     /// Points the public port at this instance, atomically.
     ///
-    /// Reads the generation and this namespace's rules (one dump per chain, filtered in the
-    /// kernel; or, when the generation is still the one the namespace's last commit recorded
-    /// in `/run/switcheroo/`, each recorded rule fetched by handle), then sends ONE batch that creates the nat table and chains where missing,
-    /// inserts the new redirect at the head of each chain of the routes, and deletes every
-    /// older rule of the namespace by handle. If the ruleset changed in between, the kernel
-    /// refuses the batch whole; it is recomputed from a fresh dump after a short random
-    /// pause, up to [`crate::Builder::max_attempts`] times ([`crate::Error::Conflict`] after
-    /// that, with nothing applied).
+    /// Takes the namespace's commit lock (an nftables table owned by the socket; only a
+    /// process with CAP_NET_ADMIN can hold it, and a dead holder releases it), reads the
+    /// generation and this namespace's rules (one dump per chain, filtered in the kernel;
+    /// or, with a [record directory](crate::Builder::record_dir) and an unchanged
+    /// generation, each recorded rule fetched by handle), then sends ONE batch that creates
+    /// the nat table and chains where missing, inserts the new redirect at the head of
+    /// each chain of the routes, deletes every older rule of the namespace by handle, and
+    /// releases the lock. If the ruleset changed in between, the kernel refuses the batch
+    /// whole; it is recomputed from a fresh read after a short random pause, up to
+    /// [`crate::Builder::max_attempts`] attempts ([`crate::Error::Conflict`] after that,
+    /// with nothing applied).
     ///
     /// Then each owner of a deleted rule is sent SIGTERM, only if its pid and start time
-    /// match the rule, and never the calling process. If the generation moved by exactly
-    /// this batch, the new generation and handles are recorded for the next commit (a
-    /// small file, only where `/run/switcheroo` can be made private to this user).
+    /// match the rule, and never the calling process.
     pub fn commit(self) -> Result<Report> {
         let started = Instant::now();
         let sw = &self.sw;
@@ -74,71 +79,49 @@ impl Takeover {
         .to_string();
         let redirect = Redirect::new(sw.public_port(), self.port, &comment)?;
         let routes = sw.routes();
+        let wanted = |chain| routes.has_chain(chain);
 
-        let (snap, applied, attempts) = sw.with_conn(|conn| {
-            rules::transact(
-                conn,
-                sw.namespace(),
-                sw.max_attempts(),
-                |chain| routes.has_chain(chain),
-                |snap, batch| {
-                    for family in Family::ALL {
-                        if snap.missing.iter().any(|(f, _)| *f == family) {
-                            batch.push(Op::AddTable(family));
+        let outcome = sw.with_conn(|conn, recorded| {
+            sw.transaction(recorded, &wanted).run(conn, |snap, batch| {
+                for family in Family::ALL {
+                    if snap.missing.iter().any(|(f, _)| *f == family) {
+                        batch.push(Op::AddTable(family));
+                    }
+                    for chain in Chain::ALL {
+                        if snap.missing.contains(&(family, chain)) {
+                            batch.push(Op::AddChain(family, chain));
                         }
-                        for chain in Chain::ALL {
-                            if snap.missing.contains(&(family, chain)) {
-                                batch.push(Op::AddChain(family, chain));
-                            }
-                            if routes.has_chain(chain) {
-                                batch.insert_rule(family, chain, redirect.clone());
-                            }
+                        if routes.has_chain(chain) {
+                            batch.insert_rule(family, chain, redirect.clone());
                         }
                     }
-                    for rule in &snap.ours {
-                        batch.push(Op::Delete(rule.family, rule.chain, rule.handle));
-                    }
-                    Ok(())
-                },
-            )
+                }
+                for rule in &snap.ours {
+                    let (family, chain, handle) = rule.place();
+                    batch.push(Op::Delete(family, chain, handle));
+                }
+                Ok(())
+            })
         })?;
         let elapsed = started.elapsed();
-
-        let inserted = applied
-            .inserted
-            .into_iter()
-            .filter_map(|entry| {
-                let chain = Chain::ALL.into_iter().find(|c| c.name() == entry.chain)?;
-                Some(Rule {
-                    namespace: sw.namespace().to_owned(),
-                    family: entry.family,
-                    chain,
-                    handle: entry.handle,
-                    public_port: sw.public_port(),
-                    internal_port: self.port,
-                    pid: Some(pid),
-                    start,
-                    alive: true,
-                })
-            })
-            .collect();
-        let removed = snap.ours;
         info!(
-            "namespace {}: port {} now leads to {} (pid {pid}); removed {} older rules in {:?} ({attempts} attempts)",
+            "namespace {}: port {} now leads to {} (pid {pid}); removed {} older rules in {:?} ({} attempts)",
             sw.namespace(),
             sw.public_port(),
             self.port,
-            removed.len(),
-            elapsed
+            outcome.removed.len(),
+            elapsed,
+            outcome.attempts,
         );
 
-        let signalled = terminate_owners(&removed);
+        let signalled = terminate_owners(&outcome.removed);
         Ok(Report {
             port: self.port,
-            inserted,
-            removed,
+            inserted: outcome.inserted,
+            removed: outcome.removed,
             signalled,
-            attempts,
+            attempts: outcome.attempts,
+            lock_wait: outcome.lock_wait,
             elapsed,
         })
     }

@@ -586,13 +586,20 @@ fn a_non_root_user_with_only_net_admin_and_kill_can_deploy() {
     );
 }
 
-/// The record a commit leaves for the next one (`/run/switcheroo/net<netns inode>-<ns>`).
-fn record_path(ns: &Netns, namespace: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(format!("/run/netns/{}", ns.name))
-        .expect("netns file")
-        .ino();
-    format!("/run/switcheroo/net{ino}-{namespace}").into()
+/// The one record a commit left in `dir` for namespace `namespace`
+/// (`<boot id>-<netns cookie>-<namespace>`).
+fn record_path(dir: &std::path::Path, namespace: &str) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .expect("the record directory exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&format!("-{namespace}")))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one record: {found:?}");
+    found[0].clone()
 }
 
 /// `nft -a` handles of the rules in `family nat chain` whose line contains `needle`.
@@ -611,8 +618,9 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
     }
     let ns = Netns::new();
     ns.run("iptables-nft -t nat -I PREROUTING -p tcp --dport 7777 -j RETURN");
-    let mut a = ns.hello(&[]);
-    let path = record_path(&ns, "hello");
+    let dir = common::TempPath::new(&ns, "records");
+    let mut a = ns.hello(&["--record-dir", dir.as_str()]);
+    let path = record_path(&dir.0, "hello");
     let text = std::fs::read_to_string(&path).expect("the commit left a record");
     let recorded: Vec<&str> = text.lines().filter(|l| l.starts_with("rule ")).collect();
     let mut expected: Vec<String> = Vec::new();
@@ -640,7 +648,7 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
         .collect();
     std::fs::write(&path, forged).unwrap();
 
-    let b = ns.hello(&[]);
+    let b = ns.hello(&["--record-dir", dir.as_str()]);
     a.expect_clean_exit("A, replaced despite the forged record");
     assert_eq!(
         handles(&ns, "ip", "PREROUTING", "dport 7777"),

@@ -2,7 +2,7 @@
 //! was computed against, the operations, and an end message. The kernel applies all of it
 //! or none of it.
 
-use crate::nftnl::{AlignedBuf, ChainObj, Object, TableObj};
+use crate::nftnl::{AlignedBuf, Object, TableObj};
 use crate::rule::{cstring, rule_in};
 use crate::{Chain, Family, Handle, Redirect, TABLE};
 use nftnl::nftnl_sys as sys;
@@ -21,15 +21,57 @@ pub enum Op {
     Insert(Family, Chain, Redirect),
     /// Delete the rule with this handle from a chain.
     Delete(Family, Chain, Handle),
+    /// Create the empty `inet` table of this name, owned by the sending socket
+    /// (`NFT_TABLE_F_OWNER`, Linux 5.12+), and fail if it exists: the kernel refuses every
+    /// other socket to change or delete an owned table (EPERM, [`crate::Error::Held`]),
+    /// `nft flush ruleset` skips it, and it disappears when its socket is closed, which
+    /// a killed process cannot fail to do. Creating a table needs CAP_NET_ADMIN. This makes
+    /// it a lock that only a privileged process can hold and that a crash releases.
+    AddOwnedTable(OwnedTable),
+    /// Delete the `inet` table of this name that the sending socket owns.
+    DeleteOwnedTable(OwnedTable),
 }
+
+/// The name of an owned `inet` table: 1 to 255 bytes without NUL (`NFT_NAME_MAXLEN`
+/// holds the terminator too).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnedTable(String);
+
+impl OwnedTable {
+    /// Checks the name; [`crate::Error::InvalidRule`] if it is empty, longer than 255 bytes
+    /// or contains a NUL byte.
+    pub fn new(name: impl Into<String>) -> Result<Self, crate::Error> {
+        let name = name.into();
+        if name.is_empty() || name.len() > 255 || name.contains('\0') {
+            return Err(crate::Error::InvalidRule {
+                why: format!("table name {name:?}: use 1 to 255 bytes without NUL"),
+            });
+        }
+        Ok(OwnedTable(name))
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OwnedTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `NFT_TABLE_F_OWNER` (`linux/netfilter/nf_tables.h`); the libc crate does not carry it.
+const NFT_TABLE_F_OWNER: u32 = 1 << 1;
 
 impl Op {
     pub(crate) fn context(&self) -> crate::error::Context {
         use crate::error::Context;
         match self {
-            Op::AddTable(_) | Op::AddChain(..) => Context::NatChain,
-            Op::Insert(..) => Context::Insert,
+            Op::AddTable(_) | Op::AddChain(..) | Op::Insert(..) => Context::Write,
             Op::Delete(..) => Context::Delete,
+            Op::AddOwnedTable(_) | Op::DeleteOwnedTable(_) => Context::OwnedTable,
         }
     }
 }
@@ -50,6 +92,8 @@ impl fmt::Display for Op {
                     "deleting rule handle {handle} from {family} {TABLE} {chain}"
                 )
             }
+            Op::AddOwnedTable(name) => write!(f, "creating owned table inet {name}"),
+            Op::DeleteOwnedTable(name) => write!(f, "deleting owned table inet {name}"),
         }
     }
 }
@@ -65,7 +109,10 @@ const MSG_NEWTABLE: u16 = libc::NFT_MSG_NEWTABLE as u16;
 const MSG_NEWCHAIN: u16 = libc::NFT_MSG_NEWCHAIN as u16;
 const MSG_NEWRULE: u16 = libc::NFT_MSG_NEWRULE as u16;
 const MSG_DELRULE: u16 = libc::NFT_MSG_DELRULE as u16;
+const MSG_DELTABLE: u16 = libc::NFT_MSG_DELTABLE as u16;
 const F_CREATE: u16 = libc::NLM_F_CREATE as u16;
+const F_EXCL: u16 = libc::NLM_F_EXCL as u16;
+const NFPROTO_INET: u8 = libc::NFPROTO_INET as u8;
 const F_ACK: u16 = libc::NLM_F_ACK as u16;
 const F_ECHO: u16 = libc::NLM_F_ECHO as u16;
 
@@ -108,7 +155,11 @@ impl Batch {
     /// Writes the batch into `buf`: the begin message has sequence number `seq`, operation
     /// `i` has `seq + 1 + i`, the end message follows. Every operation asks for an ack;
     /// inserts also ask for an echo, which carries the new rule's handle.
-    pub(crate) fn encode(&self, seq: u32, buf: &mut AlignedBuf) {
+    ///
+    /// Without `commit`, the end message is left out: the kernel then checks and acks every
+    /// operation as usual but aborts the transaction instead of committing it (what
+    /// `nft --check` relies on), so nothing is applied whatever the operations.
+    pub(crate) fn encode_with(&self, seq: u32, buf: &mut AlignedBuf, commit: bool) {
         buf.clear();
         buf.put_batch_delimiter(true, seq, self.genid);
         for (i, op) in self.ops.iter().enumerate() {
@@ -120,13 +171,7 @@ impl Batch {
                     put(buf, MSG_NEWTABLE, *family, F_CREATE | F_ACK, seq, &table);
                 }
                 Op::AddChain(family, chain) => {
-                    let mut c = ChainObj::new();
-                    c.set_str(sys::NFTNL_CHAIN_TABLE as u16, &cstring(TABLE));
-                    c.set_str(sys::NFTNL_CHAIN_NAME as u16, &cstring(chain.name()));
-                    c.set_u32(sys::NFTNL_CHAIN_HOOKNUM as u16, chain.hooknum());
-                    c.set_s32(sys::NFTNL_CHAIN_PRIO as u16, chain.priority());
-                    c.set_u32(sys::NFTNL_CHAIN_POLICY as u16, libc::NF_ACCEPT as u32);
-                    c.set_str(sys::NFTNL_CHAIN_TYPE as u16, c"nat");
+                    let c = crate::table::base_chain(*chain, chain.name());
                     put(buf, MSG_NEWCHAIN, *family, F_CREATE | F_ACK, seq, &c);
                 }
                 Op::Insert(family, chain, redirect) => {
@@ -146,10 +191,28 @@ impl Batch {
                     rule.set_u64(sys::NFTNL_RULE_HANDLE as u16, handle.0);
                     put(buf, MSG_DELRULE, *family, F_ACK, seq, &rule);
                 }
+                Op::AddOwnedTable(name) => {
+                    let mut table = TableObj::new();
+                    table.set_str(sys::NFTNL_TABLE_NAME as u16, &cstring(name.name()));
+                    table.set_u32(sys::NFTNL_TABLE_FLAGS as u16, NFT_TABLE_F_OWNER);
+                    let flags = F_CREATE | F_EXCL | F_ACK;
+                    buf.put(MSG_NEWTABLE, NFPROTO_INET, flags, seq, Some(&table));
+                }
+                Op::DeleteOwnedTable(name) => {
+                    let mut table = TableObj::new();
+                    table.set_str(sys::NFTNL_TABLE_NAME as u16, &cstring(name.name()));
+                    buf.put(MSG_DELTABLE, NFPROTO_INET, F_ACK, seq, Some(&table));
+                }
             }
         }
-        let end = seq.wrapping_add(1 + self.ops.len() as u32);
-        buf.put_batch_delimiter(false, end, None);
+        if commit {
+            let end = seq.wrapping_add(1 + self.ops.len() as u32);
+            buf.put_batch_delimiter(false, end, None);
+        }
+    }
+
+    pub(crate) fn encode(&self, seq: u32, buf: &mut AlignedBuf) {
+        self.encode_with(seq, buf, true);
     }
 
     /// The batch as bytes, as it would be sent with first sequence number `seq`.

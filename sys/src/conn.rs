@@ -5,7 +5,7 @@ use crate::attr::{self, nla, Message};
 use crate::error::Context;
 use crate::nftnl::{AlignedBuf, ChainObj};
 use crate::rule::{cstring, rule_in};
-use crate::{parse_rule_message, Batch, Chain, Error, Family, Op, RuleEntry, TABLE};
+use crate::{parse_rule_message, Batch, Chain, Error, Family, Op, Redirect, RuleEntry, TABLE};
 use nftnl::nftnl_sys as sys;
 use nix::errno::Errno;
 use std::time::Duration;
@@ -34,7 +34,6 @@ const F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
 /// netlink socket is released.
 pub struct Conn {
     sock: mnl::Socket,
-    netns: Option<u64>,
     seq: u32,
     rx: AlignedBuf,
     tx: AlignedBuf,
@@ -77,11 +76,6 @@ impl Conn {
             .map_err(|errno| Error::from_errno(op(), errno, Context::Nftables))?;
         Ok(Conn {
             sock,
-            // The socket belongs to the calling thread's namespace (setns(2) moves threads
-            // one by one, hence thread-self).
-            netns: std::fs::metadata("/proc/thread-self/ns/net")
-                .ok()
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m)),
             // Any start works; a time-based one keeps replies to an earlier socket with the
             // same port id from being mistaken for ours.
             seq: std::time::SystemTime::now()
@@ -93,10 +87,18 @@ impl Conn {
         })
     }
 
-    /// The inode number of the network namespace the socket was opened in (as
-    /// `/proc/thread-self/ns/net` showed it then); `None` without /proc.
-    pub fn netns(&self) -> Option<u64> {
-        self.netns
+    /// The cookie of the network namespace the socket belongs to (`SO_NETNS_COOKIE`,
+    /// Linux 5.14+): a number the kernel gives each namespace once and never reuses until
+    /// reboot, unlike the inode of its nsfs file. ENOPROTOOPT on older kernels.
+    pub fn netns_cookie(&self) -> Result<u64, Errno> {
+        crate::netns::cookie(self.fd())
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the mnl socket is open for the lifetime of `self`; get_fd only reads it.
+        let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(self.sock.as_raw_socket()) };
+        // SAFETY: `fd` stays open while `self` is borrowed.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
     }
 
     fn next_seq(&mut self, count: u32) -> u32 {
@@ -240,7 +242,7 @@ impl Conn {
                     if msg.kind == MSG_NEWRULE {
                         // Filtered in the kernel; the check keeps a surprise out anyway.
                         if let Some(rule) = parse_rule_message(msg.payload)
-                            .filter(|r| r.family == family && r.chain == chain.name())
+                            .filter(|r| r.family == family && r.chain == chain)
                         {
                             rules.push(rule);
                         }
@@ -310,7 +312,7 @@ impl Conn {
             |msg| {
                 if msg.kind == MSG_NEWRULE {
                     found = parse_rule_message(msg.payload).filter(|r| {
-                        r.family == family && r.chain == chain.name() && r.handle.get() == handle
+                        r.family == family && r.chain == chain && r.handle.get() == handle
                     });
                 }
             },
@@ -330,35 +332,85 @@ impl Conn {
     /// Either every operation was applied, and the inserted rules are returned as the kernel
     /// echoed them, or none was, and the error names the first operation the kernel refused:
     /// [`Error::Conflict`] if the generation moved or a handle to delete is gone (retry from a
-    /// fresh dump), [`Error::PermissionDenied`] without CAP_NET_ADMIN, [`Error::Unsupported`]
-    /// if the kernel lacks nat chains or the xtables compat layer.
+    /// fresh dump), [`Error::PermissionDenied`] without CAP_NET_ADMIN, [`Error::Held`] if an
+    /// owned table to create belongs to another socket, and [`Error::Kernel`] for the rest:
+    /// ENOENT on a write means that a table or chain it names is gone or that the kernel
+    /// lacks a part of the rule; [`Conn::probe_support`] tells which.
     pub fn apply(&mut self, batch: &Batch) -> Result<Applied, Error> {
+        self.send_batch(batch, true)
+    }
+
+    /// Sends `batch` without its end message: the kernel checks every operation as it
+    /// would for [`Conn::apply`], answers each, then aborts the transaction (the way
+    /// `nft --check` works). Nothing is applied, whatever the outcome.
+    pub fn check(&mut self, batch: &Batch) -> Result<(), Error> {
+        self.send_batch(batch, false).map(drop)
+    }
+
+    fn send_batch(&mut self, batch: &Batch, commit: bool) -> Result<Applied, Error> {
         let ops = batch.ops();
         let count = ops.len() as u32;
         let begin = self.next_seq(count + 2);
-        batch.encode(begin, &mut self.tx);
+        batch.encode_with(begin, &mut self.tx, commit);
         let op = || {
             let list: Vec<String> = ops.iter().map(Op::to_string).collect();
-            format!("applying batch [{}]", list.join("; "))
+            let verb = if commit { "applying" } else { "checking" };
+            format!("{verb} batch [{}]", list.join("; "))
         };
-        self.send(&op, Context::Batch)?;
+        let mut replies = self.exchange(begin, count, &op)?;
+        if let Some((i, errno)) = replies.failure() {
+            let op = format!("{} (in a batch of {count}; nothing was applied)", ops[i]);
+            return Err(Error::from_errno(op, errno, ops[i].context()));
+        }
+        let mut inserted = Vec::new();
+        if !commit {
+            return Ok(Applied { inserted });
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Insert(family, chain, redirect) = op {
+                match replies.echoed[i].take() {
+                    Some(rule) if rule.redirect.as_ref() == Some(redirect) => inserted.push(rule),
+                    other => return Err(Error::Protocol {
+                        op: format!("{op} (applied)"),
+                        why: format!(
+                            "the kernel's echo of the new rule in {family} {chain} was {other:?}"
+                        ),
+                    }),
+                }
+            }
+        }
+        Ok(Applied { inserted })
+    }
 
+    /// Sends the batch in `self.tx` (begin message `begin`, then `count` operations) and
+    /// collects the kernel's answer to each operation. An error on the begin message
+    /// refuses the whole batch (generation, privilege) and is returned as such.
+    fn exchange(
+        &mut self,
+        begin: u32,
+        count: u32,
+        op: &dyn Fn() -> String,
+    ) -> Result<Replies, Error> {
+        self.send(op, Context::Batch)?;
+        let mut replies = Replies {
+            errnos: vec![None; count as usize],
+            echoed: vec![None; count as usize],
+        };
         let index = |seq: u32| {
             let i = seq.wrapping_sub(begin).wrapping_sub(1);
             (i < count).then_some(i as usize)
         };
-        let mut acked = vec![false; ops.len()];
-        let mut remaining = ops.len();
-        let mut failure: Option<(usize, i32)> = None;
-        let mut echoed: Vec<Option<RuleEntry>> = vec![None; ops.len()];
-        self.recv_until(&op, Context::Batch, |msg| {
+        let mut remaining = count as usize;
+        if remaining == 0 {
+            return Ok(replies);
+        }
+        self.recv_until(op, Context::Batch, |msg| {
             if msg.kind as i32 == libc::NLMSG_ERROR {
                 let errno = match ack_errno(msg.payload) {
                     Some(e) => e,
-                    None => return Some(Err(short_ack(&op))),
+                    None => return Some(Err(short_ack(op))),
                 };
                 if msg.seq == begin {
-                    // Refused as a whole before any operation ran (generation, privilege).
                     let e = if errno == 0 { libc::EPROTO } else { errno };
                     return Some(Err(Error::from_errno(
                         op(),
@@ -367,47 +419,170 @@ impl Conn {
                     )));
                 }
                 let i = index(msg.seq)?;
-                if !std::mem::replace(&mut acked[i], true) {
+                if replies.errnos[i].replace(errno).is_none() {
                     remaining -= 1;
-                }
-                if errno != 0 && failure.is_none_or(|(j, _)| i < j) {
-                    failure = Some((i, errno));
                 }
                 (remaining == 0).then_some(Ok(()))
             } else {
                 if msg.kind == MSG_NEWRULE {
                     if let Some(i) = index(msg.seq) {
-                        echoed[i] = parse_rule_message(msg.payload);
+                        replies.echoed[i] = parse_rule_message(msg.payload);
                     }
                 }
                 None
             }
         })?;
-        if let Some((i, errno)) = failure {
-            let op = format!("{} (in a batch of {count}; nothing was applied)", ops[i]);
-            return Err(Error::from_errno(
-                op,
-                Errno::from_raw(errno),
-                ops[i].context(),
-            ));
+        Ok(replies)
+    }
+
+    /// Asks the kernel whether it has every part that `redirect` in `family`'s nat `chain`
+    /// needs, changing nothing. Each xtables extension of the rule is looked up with
+    /// nft_compat's own query (`NFNL_MSG_COMPAT_GET`, as iptables-nft does before it uses
+    /// one); then a batch that creates a nat base chain of a name of its own in the nat
+    /// table and inserts the rule there is sent without its end message, so the kernel
+    /// checks every step and aborts (see [`Conn::check`]).
+    ///
+    /// `Ok(())`: nothing is missing, so an ENOENT on a write of the same rule means that a
+    /// table or chain it named was deleted meanwhile. [`Error::Unsupported`] names the
+    /// missing part.
+    pub fn probe_support(
+        &mut self,
+        family: Family,
+        chain: Chain,
+        redirect: &Redirect,
+    ) -> Result<(), Error> {
+        for ext in crate::xt::extensions() {
+            self.probe_extension(family, ext)?;
         }
-        let mut inserted = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            if let Op::Insert(family, chain, redirect) = op {
-                match echoed[i].take() {
-                    Some(rule) if rule.redirect.as_ref() == Some(redirect) => inserted.push(rule),
-                    other => {
-                        return Err(Error::Protocol {
-                            op: format!("{op} (applied)"),
-                            why: format!(
-                            "the kernel's echo of the new rule in {family} {chain} was {other:?}"
-                        ),
-                        })
-                    }
-                }
+        let probe_chain = format!("switcheroo-probe-{}", self.seq);
+        let count = 3;
+        let begin = self.next_seq(count + 2);
+        self.tx.clear();
+        self.tx.put_batch_delimiter(true, begin, None);
+        let mut table = crate::nftnl::TableObj::new();
+        table.set_str(sys::NFTNL_TABLE_NAME as u16, &cstring(TABLE));
+        let f_create = libc::NLM_F_CREATE as u16;
+        self.tx.put(
+            libc::NFT_MSG_NEWTABLE as u16,
+            family.nfproto(),
+            f_create | F_ACK,
+            begin + 1,
+            Some(&table),
+        );
+        let c = crate::table::base_chain(chain, &probe_chain);
+        self.tx.put(
+            libc::NFT_MSG_NEWCHAIN as u16,
+            family.nfproto(),
+            f_create | F_ACK,
+            begin + 2,
+            Some(&c),
+        );
+        let rule = redirect.object(family, &cstring(&probe_chain));
+        self.tx.put(
+            libc::NFT_MSG_NEWRULE as u16,
+            family.nfproto(),
+            f_create | F_ACK,
+            begin + 3,
+            Some(&rule),
+        );
+        let op = || format!("checking that {family} {TABLE} can hold a nat chain with the rule");
+        let replies = self.exchange(begin, count, &op)?;
+        match replies.failure() {
+            None => Ok(()),
+            Some((1, errno)) => Err(Error::from_errno(
+                format!("checking table {family} {TABLE}"),
+                errno,
+                Context::Read,
+            )),
+            Some((2, errno)) if matches!(errno, Errno::ENOENT | Errno::EOPNOTSUPP) => {
+                Err(Error::Unsupported {
+                    op: format!("checking a nat base chain in {family} {TABLE}"),
+                    what: format!("the nat chain type for {family} (nft_chain_nat)"),
+                    errno,
+                })
             }
+            Some((2, errno)) => Err(Error::from_errno(
+                format!("checking a nat base chain in {family} {TABLE}"),
+                errno,
+                Context::Read,
+            )),
+            Some((_, errno)) if matches!(errno, Errno::ENOENT | Errno::EOPNOTSUPP) => {
+                Err(Error::Unsupported {
+                    op: format!("checking the redirect rule in a nat chain of {family}"),
+                    what: "an expression the rule needs (nft_compat's match and target, \
+                           counter, meta or payload)"
+                        .to_owned(),
+                    errno,
+                })
+            }
+            Some((_, errno)) => Err(Error::from_errno(
+                format!("checking the redirect rule in a nat chain of {family}"),
+                errno,
+                Context::Read,
+            )),
         }
-        Ok(Applied { inserted })
+    }
+
+    /// Looks up one xtables extension (`NFNL_MSG_COMPAT_GET`): ENOENT when the kernel has
+    /// no such match or target, EPROTONOSUPPORT without that revision, and EINVAL when
+    /// nfnetlink has no nft_compat subsystem to ask at all.
+    fn probe_extension(&mut self, family: Family, ext: crate::xt::Extension) -> Result<(), Error> {
+        let op = || {
+            format!(
+                "looking up the xtables {} {} revision {} for {family}",
+                ext.kind(),
+                ext.name.to_string_lossy(),
+                ext.rev
+            )
+        };
+        let query = crate::xt::CompatQuery::new(ext);
+        let kind = (libc::NFNL_SUBSYS_NFT_COMPAT as u16) << 8; // NFNL_MSG_COMPAT_GET = 0
+        let result = self.request(
+            &op,
+            Context::Read,
+            |seq, buf| buf.put(kind, family.nfproto(), F_ACK, seq, Some(&query)),
+            |_| {},
+        );
+        match result {
+            Err(Error::Kernel { op, errno })
+                if matches!(
+                    errno,
+                    Errno::ENOENT | Errno::EPROTONOSUPPORT | Errno::EINVAL
+                ) =>
+            {
+                let what = if errno == Errno::EINVAL {
+                    "the xtables compat layer (nft_compat)".to_owned()
+                } else {
+                    format!(
+                        "the xtables {} {} revision {} ({})",
+                        ext.kind(),
+                        ext.name.to_string_lossy(),
+                        ext.rev,
+                        ext.module
+                    )
+                };
+                Err(Error::Unsupported { op, what, errno })
+            }
+            other => other,
+        }
+    }
+}
+
+/// The kernel's answers to the operations of one batch.
+struct Replies {
+    /// Per operation: its errno (0: applied or checked), `None` if it got no answer.
+    errnos: Vec<Option<i32>>,
+    /// Per operation: the rule the kernel echoed, for inserts.
+    echoed: Vec<Option<RuleEntry>>,
+}
+
+impl Replies {
+    /// The first operation the kernel refused, and why.
+    fn failure(&self) -> Option<(usize, Errno)> {
+        self.errnos.iter().enumerate().find_map(|(i, e)| match e {
+            Some(e) if *e != 0 => Some((i, Errno::from_raw(*e))),
+            _ => None,
+        })
     }
 }
 

@@ -34,6 +34,7 @@ mod batch;
 mod conn;
 mod error;
 mod listen;
+pub mod netns;
 mod nftnl;
 mod pidfd;
 mod rule;
@@ -42,7 +43,7 @@ pub mod spawn;
 mod table;
 mod xt;
 
-pub use batch::{Batch, Op};
+pub use batch::{Batch, Op, OwnedTable};
 pub use conn::{Applied, Conn};
 pub use error::Error;
 pub use listen::accept_queue_len;

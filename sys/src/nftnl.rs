@@ -5,10 +5,13 @@ use nftnl::nftnl_sys as sys;
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 
-/// The largest single message we ever write: a redirect rule is about 750 bytes (its
-/// comment payload alone is 256), tables, chains and deletions far less. Room for this
-/// much is reserved before each write, because libnftnl writes without bounds checks.
-const MAX_MSG: usize = 4096;
+/// The room reserved for each message before it is written, because libnftnl and libmnl
+/// write attributes without bounds checks. It is libmnl's `MNL_SOCKET_BUFFER_SIZE` at its
+/// largest (the smaller of the page size and 8 KiB), which is also what libnftnl's own
+/// batches reserve per message (their "overrun" size) and the largest request the kernel's
+/// netlink layer is sure to take in one piece. Our largest message, a redirect rule with a
+/// full 255-byte comment and the statistic match, is under 1 KiB.
+pub(crate) const MSG_ROOM: usize = 8192;
 
 /// A byte buffer aligned to 8, as `nlmsghdr` writers and readers require.
 #[derive(Debug, Default)]
@@ -40,27 +43,45 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
     }
 
-    /// Appends one netlink message written by `f` at the current end. `f` gets a pointer to
-    /// at least `MAX_MSG` zeroed, 4-aligned bytes and returns the header it wrote.
-    fn append(&mut self, f: impl FnOnce(*mut c_char) -> *mut libc::nlmsghdr) {
+    /// Appends one netlink message that `write` puts at the pointer it is given: the end of
+    /// the buffer, 4-aligned, with [`MSG_ROOM`] zeroed bytes behind it. The message's length
+    /// is then read back from the bytes of its header.
+    ///
+    /// # Safety
+    /// `write` must write one netlink message, header first, of at most [`MSG_ROOM`] bytes,
+    /// starting at the pointer it gets, and nothing outside those bytes.
+    unsafe fn append(&mut self, write: impl FnOnce(*mut c_char)) {
         let start = self.len;
-        let need = (start + MAX_MSG).div_ceil(8);
-        if self.words.len() < need {
-            self.words.resize(need, 0);
+        let end = start + MSG_ROOM;
+        if self.words.len() * 8 < end {
+            self.words.resize(end.div_ceil(8), 0);
         }
-        // SAFETY: `start` is 4-aligned (every message length is rounded up below) and
-        // `start + MAX_MSG` is within `words`, so the pointer is in bounds.
-        let at = unsafe { self.words.as_mut_ptr().cast::<u8>().add(start) };
-        let nlh = f(at.cast());
-        // SAFETY: `f` returned the header it wrote at `at`, valid and aligned.
-        let msg_len = unsafe { (*nlh).nlmsg_len } as usize;
-        // A message over MAX_MSG would already have overrun; by construction none is.
-        assert!(msg_len <= MAX_MSG, "netlink message of {msg_len} bytes");
+        // Bytes past `len` may hold an earlier message: give the writer clean room.
+        let room = {
+            // SAFETY: `start..end` lies within `words` (resized above); the slice borrows
+            // `self` exclusively and ends before `write` runs.
+            let all = unsafe {
+                std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), end)
+            };
+            &mut all[start..end]
+        };
+        room.fill(0);
+        let at = room.as_mut_ptr();
+        write(at.cast());
+        self.len = end;
+        let header = &self.as_bytes()[start..start + 4];
+        let msg_len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        // By the caller's promise this holds; checking it keeps a broken promise from
+        // going on silently (the damage, if any, is done by then).
+        assert!(
+            (16..=MSG_ROOM).contains(&msg_len),
+            "netlink message of {msg_len} bytes"
+        );
         self.len = start + ((msg_len + 3) & !3);
     }
 
-    /// Appends a header-only message (`nftnl_nlmsg_build_hdr`), then lets `payload` add
-    /// attributes to it.
+    /// Appends a message with the nfnetlink header (`nftnl_nlmsg_build_hdr`), then lets
+    /// `payload` add the attributes of its object.
     pub fn put(
         &mut self,
         kind: u16,
@@ -69,22 +90,26 @@ impl AlignedBuf {
         seq: u32,
         payload: Option<&dyn Object>,
     ) {
-        self.append(|buf| {
-            // SAFETY: `buf` has MAX_MSG writable bytes; build_hdr writes the 20-byte
-            // nlmsghdr+nfgenmsg and returns it.
+        let write = |buf: *mut c_char| {
+            // SAFETY: `buf` has MSG_ROOM writable bytes; build_hdr writes the 20-byte
+            // nlmsghdr+nfgenmsg and returns a pointer to it.
             let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(buf, kind, family.into(), flags, seq) };
             if let Some(obj) = payload {
-                obj.build_payload(nlh);
+                // SAFETY: `nlh` heads a message with MSG_ROOM bytes of room in all.
+                unsafe { obj.build_payload(nlh) };
             }
-            nlh
-        });
+        };
+        // SAFETY: the header and the object's attributes are one message, and objects
+        // stay within MSG_ROOM (the contract of `Object`).
+        unsafe { self.append(write) };
     }
 
     /// Appends a batch delimiter (`NFNL_MSG_BATCH_BEGIN`/`END`), with the ruleset generation
     /// the batch was computed against on the begin message.
     pub fn put_batch_delimiter(&mut self, begin: bool, seq: u32, genid: Option<u32>) {
-        self.append(|buf| {
-            // SAFETY: `buf` has MAX_MSG writable bytes; the batch helpers write 20 bytes.
+        let write = |buf: *mut c_char| {
+            // SAFETY: `buf` has MSG_ROOM writable bytes; the batch helpers write a 20-byte
+            // header.
             let nlh = unsafe {
                 if begin {
                     sys::nftnl_batch_begin(buf, seq)
@@ -103,14 +128,24 @@ impl AlignedBuf {
                     )
                 };
             }
-            nlh
-        });
+        };
+        // SAFETY: one 20- or 28-byte message.
+        unsafe { self.append(write) };
     }
 }
 
 /// A libnftnl object that can write its attributes into a message.
-pub(crate) trait Object {
-    fn build_payload(&self, nlh: *mut libc::nlmsghdr);
+///
+/// # Safety
+/// An implementation writes only the attributes of one object behind the header it is
+/// given, at most [`MSG_ROOM`] bytes including that header.
+pub(crate) unsafe trait Object {
+    /// Writes the object's attributes behind `nlh` and updates its length.
+    ///
+    /// # Safety
+    /// `nlh` must point to a valid, aligned netlink header that starts a region of
+    /// [`MSG_ROOM`] writable bytes.
+    unsafe fn build_payload(&self, nlh: *mut libc::nlmsghdr);
 }
 
 macro_rules! owned {
@@ -161,11 +196,17 @@ impl TableObj {
         // SAFETY: valid object; libnftnl copies the NUL-terminated string.
         unsafe { sys::nftnl_table_set_str(self.0.as_ptr(), attr, value.as_ptr()) };
     }
+
+    pub fn set_u32(&mut self, attr: u16, value: u32) {
+        // SAFETY: valid object; plain value.
+        unsafe { sys::nftnl_table_set_u32(self.0.as_ptr(), attr, value) }
+    }
 }
 
-impl Object for TableObj {
-    fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
-        // SAFETY: `nlh` is a header in a buffer with MAX_MSG bytes of room (see `put`).
+// SAFETY: a table is a name and a few integers, far below MSG_ROOM.
+unsafe impl Object for TableObj {
+    unsafe fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
+        // SAFETY: the caller gives a header with MSG_ROOM bytes of room; the object is ours.
         unsafe { sys::nftnl_table_nlmsg_build_payload(nlh, self.0.as_ptr()) }
     }
 }
@@ -187,9 +228,10 @@ impl ChainObj {
     }
 }
 
-impl Object for ChainObj {
-    fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
-        // SAFETY: `nlh` is a header in a buffer with MAX_MSG bytes of room (see `put`).
+// SAFETY: a chain is two names, a type and a few integers, far below MSG_ROOM.
+unsafe impl Object for ChainObj {
+    unsafe fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
+        // SAFETY: the caller gives a header with MSG_ROOM bytes of room; the object is ours.
         unsafe { sys::nftnl_chain_nlmsg_build_payload(nlh, self.0.as_ptr()) }
     }
 }
@@ -219,9 +261,11 @@ impl RuleObj {
     }
 }
 
-impl Object for RuleObj {
-    fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
-        // SAFETY: `nlh` is a header in a buffer with MAX_MSG bytes of room (see `put`).
+// SAFETY: the rules this crate builds are under 1 KiB (rule.rs: at most seven
+// expressions, the largest payload the 256-byte comment).
+unsafe impl Object for RuleObj {
+    unsafe fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
+        // SAFETY: the caller gives a header with MSG_ROOM bytes of room; the object is ours.
         unsafe { sys::nftnl_rule_nlmsg_build_payload(nlh, self.0.as_ptr()) }
     }
 }

@@ -69,7 +69,15 @@ impl Redirect {
 
     /// The libnftnl rule object for this redirect in `family`'s nat `chain`.
     pub(crate) fn to_object(&self, family: Family, chain: Chain) -> RuleObj {
-        let mut rule = rule_in(chain);
+        self.object(family, &cstring(chain.name()))
+    }
+
+    /// The rule object in the nat chain named `chain` (a probe's chain, see
+    /// [`crate::Conn::probe_support`]).
+    pub(crate) fn object(&self, family: Family, chain: &std::ffi::CStr) -> RuleObj {
+        let mut rule = RuleObj::new();
+        rule.set_str(sys::NFTNL_RULE_TABLE as u16, &cstring(TABLE));
+        rule.set_str(sys::NFTNL_RULE_CHAIN as u16, chain);
         rule.set_u32(sys::NFTNL_RULE_COMPAT_PROTO as u16, IPPROTO_TCP.into());
         rule.set_u32(sys::NFTNL_RULE_COMPAT_FLAGS as u16, 0);
 
@@ -130,6 +138,8 @@ pub(crate) fn rule_in(chain: Chain) -> RuleObj {
     rule
 }
 
+/// A table or chain name as a C string. Every caller passes a constant name or an
+/// [`OwnedTable`](crate::OwnedTable), which refuses NUL bytes when it is made.
 pub(crate) fn cstring(s: &str) -> CString {
     CString::new(s).expect("table and chain names have no NUL")
 }
@@ -156,8 +166,8 @@ fn xt_expr(kind: &std::ffi::CStr, name: &std::ffi::CStr, rev: u32, info: &[u8]) 
 pub struct RuleEntry {
     /// The family of the table the rule is in.
     pub family: Family,
-    /// The chain name, as the kernel reported it.
-    pub chain: String,
+    /// The chain the rule is in.
+    pub chain: Chain,
     /// The rule's kernel handle.
     pub handle: Handle,
     /// The redirect, if the rule is exactly in switcheroo's encoding (with or without the
@@ -166,8 +176,8 @@ pub struct RuleEntry {
 }
 
 /// Parses the payload (after `nlmsghdr`) of an `NFT_MSG_NEWRULE` message. Returns `None`
-/// for anything that is not a rule of the `nat` table of `ip`/`ip6` with a handle; never
-/// panics, whatever the bytes.
+/// for anything that is not a rule with a handle in `PREROUTING` or `OUTPUT` of the `nat`
+/// table of `ip`/`ip6`; never panics, whatever the bytes.
 pub fn parse_rule_message(payload: &[u8]) -> Option<RuleEntry> {
     let family = match attr::nfgen_family(payload)? as i32 {
         libc::NFPROTO_IPV4 => Family::Ipv4,
@@ -196,7 +206,7 @@ pub fn parse_rule_message(payload: &[u8]) -> Option<RuleEntry> {
     };
     Some(RuleEntry {
         family,
-        chain: chain?.to_owned(),
+        chain: Chain::from_name(chain?)?,
         handle: Handle(handle?),
         redirect,
     })

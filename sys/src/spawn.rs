@@ -164,65 +164,81 @@ unsafe fn child(
             .raw_os_error()
             .unwrap_or(libc::EINVAL);
         let bytes = errno.to_ne_bytes();
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; `bytes` is a live local.
-        unsafe {
-            libc::write(report_fd, bytes.as_ptr().cast(), bytes.len());
-            libc::_exit(127)
-        }
+        // SAFETY: write(2) is async-signal-safe and reads 4 bytes of a live local.
+        unsafe { libc::write(report_fd, bytes.as_ptr().cast(), bytes.len()) };
+        // SAFETY: _exit(2) is async-signal-safe and ends the child without running
+        // anything of the parent's (no atexit handlers, no destructors).
+        unsafe { libc::_exit(127) }
     };
-    // SAFETY: plain system calls on integers and on a sigset_t local to this frame.
-    unsafe {
-        if listen_fd < 0 {
-            // No socket to pass: fd 3, if open, is ours and stays here (close-on-exec).
-        } else if listen_fd == LISTEN_FD {
-            if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
-                fail(report_fd);
-            }
-        } else if libc::dup2(listen_fd, LISTEN_FD) < 0 {
-            // dup2 leaves close-on-exec clear on the new descriptor.
+    if listen_fd == LISTEN_FD {
+        // SAFETY: fcntl(2) on an integer fd; clears close-on-exec on the socket.
+        if unsafe { libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) } < 0 {
             fail(report_fd);
         }
-        // Everything else we hold (the netlink socket, the notify socket, the drain's
-        // copy of the listener) stays here. Old kernels lack close_range: then only the
-        // descriptors opened close-on-exec are kept from the child, as Rust opens them.
-        let first = if listen_fd < 0 {
-            LISTEN_FD
-        } else {
-            LISTEN_FD + 1
-        };
+    } else if listen_fd >= 0 {
+        // SAFETY: dup2(2) on integer fds; it leaves close-on-exec clear on the new one.
+        if unsafe { libc::dup2(listen_fd, LISTEN_FD) } < 0 {
+            fail(report_fd);
+        }
+    }
+    // No socket to pass: fd 3, if open, is ours and stays here (close-on-exec).
+    // Everything else we hold (the netlink socket, the notify socket, the drain's copy of
+    // the listener) stays here. Old kernels lack close_range: then only the descriptors
+    // opened close-on-exec are kept from the child, as Rust opens them.
+    let first = if listen_fd < 0 {
+        LISTEN_FD
+    } else {
+        LISTEN_FD + 1
+    };
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on fds.
+    unsafe {
         libc::syscall(
             libc::SYS_close_range,
             first as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        );
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
-            fail(report_fd);
-        }
-        // Rust ignores SIGPIPE; ignored signals stay ignored across execve.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
-            fail(report_fd);
-        }
-        // Capabilities granted to us as ambient ones (CAP_NET_ADMIN, CAP_KILL for a
-        // non-root user) are for the switch, not for the server. Kernels before 4.3 have
-        // no ambient set: nothing to clear there.
+        )
+    };
+    // SAFETY: all zeros is a valid sigset_t, and sigemptyset initialises it anyway.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a live local sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: sigprocmask(2) reads the local set; a NULL old set is allowed.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } < 0 {
+        fail(report_fd);
+    }
+    // Rust ignores SIGPIPE; ignored signals stay ignored across execve.
+    // SAFETY: signal(2) with SIG_DFL installs no handler of ours.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // SAFETY: prctl(2) on integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } < 0 {
+        fail(report_fd);
+    }
+    // Capabilities granted to us as ambient ones (CAP_NET_ADMIN, CAP_KILL for a non-root
+    // user) are for the switch, not for the server. Kernels before 4.3 have no ambient
+    // set: nothing to clear there.
+    // SAFETY: prctl(2) on integers.
+    unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL,
             0,
             0,
             0,
-        );
-        // The parent may have died before prctl took effect.
-        if libc::getppid() as u32 != parent {
-            libc::kill(libc::getpid(), libc::SIGTERM);
-        }
-        write_decimal(&mut pid_var[PID_PREFIX.len()..], libc::getpid() as u32);
-        libc::execve(path, argv, envp);
+        )
+    };
+    // The parent may have died before PR_SET_PDEATHSIG took effect.
+    // SAFETY: getppid(2) takes nothing and cannot fail.
+    if unsafe { libc::getppid() } as u32 != parent {
+        // SAFETY: getpid(2) and kill(2) on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
     }
+    // SAFETY: getpid(2) takes nothing and cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    write_decimal(&mut pid_var[PID_PREFIX.len()..], pid);
+    // SAFETY: `path`, `argv` and `envp` are NUL-terminated strings and NULL-terminated
+    // arrays allocated before fork (the caller's contract); execve only returns on failure.
+    unsafe { libc::execve(path, argv, envp) };
     fail(report_fd)
 }
 

@@ -1,5 +1,8 @@
 //! The tables and base chains that iptables-nft uses for NAT, and rule handles.
 
+use crate::nftnl::ChainObj;
+use crate::rule::cstring;
+use nftnl::nftnl_sys as sys;
 use std::fmt;
 
 /// The table iptables-nft keeps its NAT rules in, for both families.
@@ -54,6 +57,11 @@ impl Chain {
     /// Both chains, PREROUTING first.
     pub const ALL: [Chain; 2] = [Chain::Prerouting, Chain::Output];
 
+    /// The chain of this name (`PREROUTING` or `OUTPUT`), if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Chain> {
+        Chain::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// The chain name iptables-nft uses.
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +82,19 @@ impl Chain {
     pub(crate) fn priority(self) -> i32 {
         -100
     }
+}
+
+/// The libnftnl object of a nat base chain named `name` on `chain`'s hook, as iptables-nft
+/// creates `chain`: type nat, priority -100, policy accept.
+pub(crate) fn base_chain(chain: Chain, name: &str) -> ChainObj {
+    let mut c = ChainObj::new();
+    c.set_str(sys::NFTNL_CHAIN_TABLE as u16, &cstring(TABLE));
+    c.set_str(sys::NFTNL_CHAIN_NAME as u16, &cstring(name));
+    c.set_u32(sys::NFTNL_CHAIN_HOOKNUM as u16, chain.hooknum());
+    c.set_s32(sys::NFTNL_CHAIN_PRIO as u16, chain.priority());
+    c.set_u32(sys::NFTNL_CHAIN_POLICY as u16, libc::NF_ACCEPT as u32);
+    c.set_str(sys::NFTNL_CHAIN_TYPE as u16, c"nat");
+    c
 }
 
 impl fmt::Display for Chain {

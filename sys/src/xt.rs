@@ -3,7 +3,80 @@
 //! with `XT_ALIGN` (8 bytes), which is what iptables-nft sends and what the kernel's
 //! size check expects.
 
+use crate::nftnl::Object;
 use crate::Family;
+use std::ffi::CStr;
+
+/// An xtables extension a rule of ours uses, as nft_compat's query names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extension {
+    pub name: &'static CStr,
+    pub rev: u32,
+    pub target: bool,
+    /// The kernel module that provides it.
+    pub module: &'static str,
+}
+
+impl Extension {
+    pub fn kind(&self) -> &'static str {
+        if self.target {
+            "target"
+        } else {
+            "match"
+        }
+    }
+}
+
+/// The extensions of the redirect rule, in rule order.
+pub(crate) fn extensions() -> [Extension; 3] {
+    [
+        Extension {
+            name: c"addrtype",
+            rev: ADDRTYPE_REV,
+            target: false,
+            module: "xt_addrtype",
+        },
+        Extension {
+            name: c"comment",
+            rev: COMMENT_REV,
+            target: false,
+            module: "xt_comment",
+        },
+        Extension {
+            name: c"REDIRECT",
+            rev: REDIRECT_REV,
+            target: true,
+            module: "xt_REDIRECT",
+        },
+    ]
+}
+
+/// The attributes of an `NFNL_MSG_COMPAT_GET` request (`linux/netfilter/nf_tables_compat.h`:
+/// `NFTA_COMPAT_NAME` = 1, `NFTA_COMPAT_REV` = 2, `NFTA_COMPAT_TYPE` = 3, the type 1 for a
+/// target and 0 for a match; the integers big endian).
+#[derive(Debug)]
+pub(crate) struct CompatQuery(Extension);
+
+impl CompatQuery {
+    pub fn new(ext: Extension) -> Self {
+        CompatQuery(ext)
+    }
+}
+
+// SAFETY: three attributes: a name of at most 29 bytes (XT_EXTENSION_MAXNAMELEN) and two
+// integers, under 64 bytes.
+unsafe impl Object for CompatQuery {
+    unsafe fn build_payload(&self, nlh: *mut libc::nlmsghdr) {
+        let ext = self.0;
+        // SAFETY: the caller gives a header with MSG_ROOM bytes of room; the strings are
+        // NUL-terminated and outlive the calls, which copy them.
+        unsafe {
+            mnl::mnl_sys::mnl_attr_put_strz(nlh.cast(), 1, ext.name.as_ptr());
+            mnl::mnl_sys::mnl_attr_put_u32(nlh.cast(), 2, ext.rev.to_be());
+            mnl::mnl_sys::mnl_attr_put_u32(nlh.cast(), 3, u32::from(ext.target).to_be());
+        }
+    }
+}
 
 /// `XT_ALIGN`: xtables payloads are padded to 8 bytes.
 pub(crate) const fn xt_align(n: usize) -> usize {

@@ -37,7 +37,7 @@ proptest! {
     fn encoded_rules_parse_back(f in family(), c in chain(), r in redirect(), h in 1u64..) {
         let entry = parse_rule_message(&encoded_rule(f, c, &r, h)).expect("our own rule parses");
         prop_assert_eq!(entry.family, f);
-        prop_assert_eq!(entry.chain.as_str(), c.name());
+        prop_assert_eq!(entry.chain, c);
         prop_assert_eq!(entry.handle.get(), h);
         prop_assert_eq!(entry.redirect, Some(r));
     }

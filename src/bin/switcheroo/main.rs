@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use switcheroo::{Routes, Rule};
 
-/// Exit status for an error of switcheroo itself (permissions, netfilter, bad input).
+/// Exit status for an error of switcheroo itself (permissions, netfilter, bad input, a
+/// failed switch).
 const EXIT_ERROR: u8 = 1;
 /// Exit status when the new server never became ready: nothing was switched.
 const EXIT_NOT_READY: u8 = 3;
@@ -36,10 +37,13 @@ Examples:
 
 Exit status:
   0        run: the server exited 0; status, cleanup: success
-  1        an error of switcheroo itself (permissions, netfilter, bad input); nothing changed
+  1        an error of switcheroo itself (permissions, netfilter, bad input), or run's
+           switch failed (the new server is stopped); nothing changed, the old version
+           keeps serving
   2        bad arguments
-  3        run: the new server failed to start, exited or was not ready in time; nothing
-           was switched and the old version keeps serving
+  3        run: the new server failed to start, exited, was not ready in time or was told
+           to stop before the switch; nothing was switched and the old version keeps
+           serving
   N        run: the server's own exit status, or 128+signal if a signal ended it
 
 Logging goes to stderr; RUST_LOG=debug (or warn, ...) sets the level, info by default.
@@ -104,6 +108,12 @@ struct RunArgs {
     /// The socket's name in LISTEN_FDNAMES (default: the namespace)
     #[arg(long)]
     fd_name: Option<String>,
+    /// Keep a record of each commit in DIR (a directory of this user only, created if
+    /// missing) so that the next deploy can skip dumping chains that hold many foreign
+    /// rules; off by default. Under systemd: RuntimeDirectory=switcheroo and
+    /// --record-dir /run/switcheroo
+    #[arg(long, value_name = "DIR")]
+    record_dir: Option<std::path::PathBuf>,
     /// The server and its arguments; `{port}` in an argument becomes the internal port, and
     /// the server then binds it itself instead of getting the socket as fd 3
     #[arg(
@@ -167,6 +177,7 @@ impl From<RunArgs> for run::Config {
                 .idle(a.drain_idle)
                 .max_wait(a.drain_max),
             kill_after: a.kill_after,
+            record_dir: a.record_dir,
             command: a.command,
         }
     }

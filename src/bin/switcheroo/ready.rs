@@ -155,40 +155,12 @@ fn descends_from(mut pid: Pid, main: Pid) -> bool {
         if pid == main {
             return true;
         }
-        match parent_of(pid) {
-            Some(parent) if parent.as_raw() > 1 => pid = parent,
+        match switcheroo::process::Stat::of(pid.as_raw() as u32) {
+            Ok(stat) if stat.parent > 1 => pid = Pid::from_raw(stat.parent as i32),
             _ => return false,
         }
     }
     false
-}
-
-fn parent_of(pid: Pid) -> Option<Pid> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-        .map(Pid::from_raw)
-}
-
-/// Tells the service manager that started `switcheroo run` (when `NOTIFY_SOCKET` was set)
-/// how it is doing, e.g. `READY=1` once the switch is done.
-pub fn notify_manager(socket: Option<&str>, state: &str) {
-    let Some(path) = socket else { return };
-    let addr = match path.strip_prefix('@') {
-        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
-        None => std::os::unix::net::SocketAddr::from_pathname(path),
-    };
-    let result = addr.and_then(|addr| {
-        let socket = UnixDatagram::unbound()?;
-        socket.send_to_addr(state.as_bytes(), &addr)
-    });
-    if let Err(e) = result {
-        log::warn!("could not notify the service manager at {path}: {e}");
-    }
 }
 
 #[cfg(test)]
@@ -226,9 +198,10 @@ mod tests {
     fn notify_accepts_the_server_and_ignores_strangers() {
         let notify = NotifySocket::bind().unwrap();
         let me = Pid::this();
-        notify_manager(Some(&notify.env_value()), "STATUS=starting");
+        let send = |state| switcheroo::activation::notify_to(&notify.env_value(), state).unwrap();
+        send("STATUS=starting");
         assert!(!notify.ready(me));
-        notify_manager(Some(&notify.env_value()), "STATUS=up\nREADY=1\n");
+        send("STATUS=up\nREADY=1\n");
         assert!(notify.ready(me));
         // Sent from outside the server's tree: this process is not a descendant of a
         // child it started.
@@ -236,7 +209,7 @@ mod tests {
             .arg("10")
             .spawn()
             .unwrap();
-        notify_manager(Some(&notify.env_value()), "READY=1");
+        send("READY=1");
         assert!(!notify.ready(Pid::from_raw(other.id() as i32)));
         let _ = other.kill();
         let _ = other.wait();

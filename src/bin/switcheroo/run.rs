@@ -1,5 +1,10 @@
 //! `switcheroo run`: start the server with the socket, wait until it is ready, switch,
 //! and on SIGTERM drain, forward and pass on the server's exit status.
+//!
+//! A state machine: [`Events::next`] is the one place that waits (signals, the server's
+//! exit through its pidfd, the notify socket, timers), and each state is one method of
+//! [`Wrapper`] that returns the next state. Every way to end without the server's own
+//! status is a [`Failure`] with its exit code.
 
 use crate::ready::{self, NotifySocket, Ready};
 use crate::{EXIT_ERROR, EXIT_NOT_READY};
@@ -9,15 +14,18 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use switcheroo::{Drain, Routes, Switcheroo};
+use switcheroo::{Drain, Routes, Switcheroo, Takeover};
 use switcheroo_sys::spawn::Activation;
+use switcheroo_sys::PidFd;
 
 pub const AFTER_HELP: &str = "\
 The server gets the listening socket as fd 3 with LISTEN_FDS=1, LISTEN_PID=<its pid> and
@@ -32,7 +40,8 @@ Run it the same way again to deploy: the new instance switches the public port t
 server once that is ready, then sends SIGTERM to the previous switcheroo, which waits
 until its server's accept queue has stayed empty for --drain-idle, forwards the signal,
 and exits with the server's exit status. If the new server exits or is not ready within
---ready-timeout, nothing is switched and the previous version keeps serving.
+--ready-timeout, nothing is switched, the previous version keeps serving, and run exits 3;
+if the switch itself fails, the server is stopped and run exits 1.
 
 Under systemd (Type=notify), switcheroo itself sends READY=1 once it has switched.";
 
@@ -48,6 +57,7 @@ pub struct Config {
     pub drain: Drain,
     pub kill_after: Option<Duration>,
     pub fd_name: String,
+    pub record_dir: Option<PathBuf>,
     pub command: Vec<OsString>,
 }
 
@@ -64,41 +74,214 @@ const FORWARD: [Signal; 7] = [
     Signal::SIGWINCH,
 ];
 
-/// How the wait for readiness ended, other than with a ready server.
-enum NotReady {
-    Exited(WaitStatus),
-    TimedOut,
-    Stopped(Signal),
+/// How long a server that is stopped because the deploy failed gets before SIGKILL.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Every way `run` ends other than with the server's own exit status. The message says
+/// what happened and what still serves; [`Failure::exit_code`] is what a deploy script
+/// sees.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Setting up the wrapper itself failed (signals, the notify socket).
+    #[error("{0}")]
+    Setup(String),
+    /// The library refused (bad input, permissions, netfilter) before anything started.
+    #[error("{0}; nothing was switched")]
+    Switcheroo(#[from] switcheroo::Error),
+    /// The server could not be started.
+    #[error("cannot start {name}: {source}; nothing was switched")]
+    Spawn {
+        name: String,
+        source: std::io::Error,
+    },
+    /// The server exited before it was ready.
+    #[error("{name} {status} before it was ready; nothing was switched, the running version keeps serving")]
+    ExitedBeforeReady { name: String, status: String },
+    /// The server was not ready in time; it was stopped.
+    #[error("{name} was not ready after {timeout:?}{hint}; it was stopped, nothing was switched, the running version keeps serving")]
+    NotReady {
+        name: String,
+        timeout: Duration,
+        hint: &'static str,
+    },
+    /// SIGTERM or SIGINT arrived before the switch; the server was stopped.
+    #[error("got {signal} before the switch; {name} was stopped, nothing was switched")]
+    StoppedBeforeSwitch { name: String, signal: Signal },
+    /// The server was ready but the switch failed; the server was stopped.
+    #[error("the switch failed: {source}; {name} was stopped, the running version keeps serving")]
+    SwitchFailed {
+        name: String,
+        source: switcheroo::Error,
+    },
+}
+
+impl Failure {
+    /// 1 for an error of switcheroo itself, 3 when the new server did not become ready
+    /// (or was told to stop first): in every case nothing was switched.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Setup(_) | Failure::Switcheroo(_) | Failure::SwitchFailed { .. } => EXIT_ERROR,
+            Failure::Spawn { .. }
+            | Failure::ExitedBeforeReady { .. }
+            | Failure::NotReady { .. }
+            | Failure::StoppedBeforeSwitch { .. } => EXIT_NOT_READY,
+        }
+    }
 }
 
 pub fn run(config: Config) -> ExitCode {
-    let code = match Wrapper::start(&config) {
-        Ok(mut wrapper) => wrapper.supervise(&config),
-        Err(code) => code,
-    };
-    ExitCode::from(code)
+    let result = Wrapper::start(&config).and_then(|(wrapper, takeover)| {
+        let mut wrapper = wrapper;
+        wrapper.drive(&config, State::WaitingReady(takeover))
+    });
+    match result {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(failure) => {
+            error!("{failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Where the wrapper is in the life of its server.
+enum State {
+    /// The server runs on the internal port; the public port still leads elsewhere.
+    WaitingReady(Takeover),
+    /// The public port leads to the server.
+    Serving,
+    /// Told to stop: waiting until the accept queue stays empty.
+    Draining(Signal),
+    /// The signal goes to the server; waiting for it to exit.
+    Stopping {
+        signal: Signal,
+        kill_after: Option<Duration>,
+    },
+    /// The server exited with this status.
+    Exited(WaitStatus),
+}
+
+/// What woke the wrapper up.
+#[derive(Debug)]
+enum Event {
+    Signal(Signal),
+    ChildExited(WaitStatus),
+    /// The notify socket has messages.
+    Notified,
+    /// The deadline passed.
+    Timeout,
+}
+
+/// The one event source: a signalfd, the server's pidfd and the notify socket, polled
+/// together up to a deadline.
+struct Events {
+    signals: SignalFd,
+    pending: VecDeque<Signal>,
+    child: Pid,
+    child_fd: PidFd,
+    child_state: ChildState,
+    notify: Option<NotifySocket>,
+}
+
+/// Whether the server's exit has been seen and reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ChildState {
+    Running,
+    /// Reaped; not yet returned by [`Events::next`].
+    Exited(WaitStatus),
+    /// Returned once; its pidfd is no longer watched.
+    Reported,
+}
+
+impl Events {
+    /// Waits until something happens or `deadline` passes (never, with `None`).
+    fn next(&mut self, deadline: Option<Instant>) -> Event {
+        loop {
+            if let ChildState::Exited(status) = self.child_state {
+                self.child_state = ChildState::Reported;
+                return Event::ChildExited(status);
+            }
+            if let Some(signal) = self.pending.pop_front() {
+                return Event::Signal(signal);
+            }
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Event::Timeout;
+                    }
+                    // Rounded up, so that a wake-up is never early.
+                    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let watch_child = self.child_state == ChildState::Running;
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            if watch_child {
+                fds.push(PollFd::new(self.child_fd.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(notify) = &self.notify {
+                fds.push(PollFd::new(notify.fd(), PollFlags::POLLIN));
+            }
+            if let Err(e) = poll(&mut fds, timeout) {
+                if e != nix::errno::Errno::EINTR {
+                    warn!("poll: {e}");
+                }
+                continue;
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            if watch_child && ready[1] {
+                if let Some(status) = self.reap() {
+                    self.child_state = ChildState::Exited(status);
+                    continue;
+                }
+            }
+            if ready[0] {
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
+                        self.pending.push_back(signal);
+                    }
+                }
+                continue;
+            }
+            if self.notify.is_some() && ready.last() == Some(&true) {
+                return Event::Notified;
+            }
+        }
+    }
+
+    /// The server's status if it has exited (reaping it).
+    fn reap(&self) -> Option<WaitStatus> {
+        match waitpid(self.child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => Some(status),
+            Ok(_) => None,
+            // ECHILD: reaped already, which only this function does.
+            Err(_) => Some(WaitStatus::Exited(self.child, EXIT_ERROR.into())),
+        }
+    }
 }
 
 struct Wrapper {
-    signals: SignalFd,
+    events: Events,
+    /// Our copy of the listening socket, while the server has it too.
     listener: Option<TcpListener>,
-    child: Pid,
     name: String,
     port: u16,
-    notify: Option<NotifySocket>,
-    takeover: Option<switcheroo::Takeover>,
     manager: Option<String>,
 }
 
 impl Wrapper {
     /// Everything up to a running server: signals, the switch's configuration and port,
-    /// the readiness socket, the child. Errors are reported here and become exit codes.
-    fn start(config: &Config) -> Result<Wrapper, u8> {
+    /// the readiness socket, the child.
+    fn start(config: &Config) -> Result<(Wrapper, Takeover), Failure> {
         let mut mask = SigSet::empty();
         for signal in STOP.iter().chain(&FORWARD) {
             mask.add(*signal);
         }
-        mask.add(Signal::SIGCHLD);
         // Blocked before the child exists so that no signal is lost; the child unblocks
         // them all before it executes the server.
         let signals = mask
@@ -106,28 +289,22 @@ impl Wrapper {
             .and_then(|()| {
                 SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             })
-            .map_err(|e| {
-                fail(
-                    EXIT_ERROR,
-                    format_args!("cannot set up signal handling: {e}"),
-                )
-            })?;
+            .map_err(|e| Failure::Setup(format!("cannot set up signal handling: {e}")))?;
 
-        let sw = Switcheroo::builder(config.namespace.clone(), config.port)
+        let mut builder = Switcheroo::builder(config.namespace.clone(), config.port)
             .routes(config.routes)
-            .port_range(config.range.clone())
-            .build()
-            .map_err(|e| fail(EXIT_ERROR, e))?;
-        let (listener, takeover) = sw.begin().map_err(|e| fail(EXIT_ERROR, e))?;
+            .port_range(config.range.clone());
+        if let Some(dir) = &config.record_dir {
+            builder = builder.record_dir(dir);
+        }
+        let (listener, takeover) = builder.build()?.begin()?;
         let port = takeover.port();
 
         let notify = match config.ready {
-            Ready::Notify => Some(NotifySocket::bind().map_err(|e| {
-                fail(
-                    EXIT_ERROR,
-                    format_args!("cannot create the notify socket: {e}"),
-                )
-            })?),
+            Ready::Notify => Some(
+                NotifySocket::bind()
+                    .map_err(|e| Failure::Setup(format!("cannot create the notify socket: {e}")))?,
+            ),
             _ => None,
         };
         let manager = std::env::var("NOTIFY_SOCKET").ok();
@@ -153,44 +330,142 @@ impl Wrapper {
         // ports of this namespace's rules, and the random start makes a collision with
         // another deploy unlikely).
         let binds_itself = config.command[1..].iter().any(|a| with_port(a, port) != *a);
-        let listener = if binds_itself {
-            drop(listener);
-            None
-        } else {
-            Some(listener)
-        };
+        let listener = (!binds_itself).then_some(listener);
         let name = config.command[0].to_string_lossy().into_owned();
         let child = Activation::new(config.command[0].clone(), args)
             .env(env)
             .spawn(listener.as_ref().map(|l| l.as_fd()))
-            .map_err(|e| {
-                fail(
-                    EXIT_NOT_READY,
-                    format_args!("cannot start {name}: {e}; nothing was switched"),
-                )
+            .map_err(|source| Failure::Spawn {
+                name: name.clone(),
+                source,
             })?;
+        // Our child stays a zombie until we reap it, so its pid cannot be reused before
+        // the pidfd refers to it.
+        let child_fd = PidFd::open(child.as_raw() as u32).map_err(|e| {
+            let _ = kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            Failure::Setup(format!(
+                "cannot watch {name} (pid {child}) with a pidfd: {e} (Linux 5.3+)"
+            ))
+        })?;
         info!(
             "started {name} (pid {child}) on internal port {port}; waiting until it is ready ({})",
             describe(&config.ready)
         );
-        Ok(Wrapper {
-            signals,
+        let wrapper = Wrapper {
+            events: Events {
+                signals,
+                pending: VecDeque::new(),
+                child,
+                child_fd,
+                child_state: ChildState::Running,
+                notify,
+            },
             listener,
-            child,
             name,
             port,
-            notify,
-            takeover: Some(takeover),
             manager,
-        })
+        };
+        Ok((wrapper, takeover))
     }
 
-    /// From a started server to its exit: readiness, the switch, the drain on SIGTERM.
-    fn supervise(&mut self, config: &Config) -> u8 {
-        if let Err(why) = self.wait_ready(config) {
-            return self.not_ready(why, config.ready_timeout);
+    /// Runs the states from `state` until the server has exited.
+    fn drive(&mut self, config: &Config, mut state: State) -> Result<WaitStatus, Failure> {
+        loop {
+            state = match state {
+                State::WaitingReady(takeover) => self.wait_ready(config, takeover)?,
+                State::Serving => self.serve(config),
+                State::Draining(signal) => self.drain(config, signal),
+                State::Stopping { signal, kill_after } => self.stop(signal, kill_after),
+                State::Exited(status) => return Ok(status),
+            };
         }
-        let takeover = self.takeover.take().expect("switched once");
+    }
+
+    /// Waits until the server is ready, then switches. Any other end stops the server and
+    /// is a failure: nothing was switched.
+    fn wait_ready(&mut self, config: &Config, takeover: Takeover) -> Result<State, Failure> {
+        let started = Instant::now();
+        let deadline = started + config.ready_timeout;
+        let mut next_probe = started;
+        loop {
+            let now = Instant::now();
+            let ready = match &config.ready {
+                Ready::Delay(delay) => now >= started + *delay,
+                Ready::Http(path) if now >= next_probe => {
+                    let timeout = deadline
+                        .saturating_duration_since(now)
+                        .min(Duration::from_secs(1))
+                        .max(Duration::from_millis(1));
+                    next_probe = now + Duration::from_millis(100);
+                    match ready::http_probe(self.port, path, timeout) {
+                        Ok(true) => true,
+                        Ok(false) => {
+                            debug!("GET {path}: not 2xx yet");
+                            false
+                        }
+                        Err(e) => {
+                            debug!("GET {path}: {e}");
+                            false
+                        }
+                    }
+                }
+                _ => false,
+            };
+            if ready {
+                return self.switch(config, takeover);
+            }
+            let wake = match &config.ready {
+                Ready::Delay(delay) => (started + *delay).min(deadline),
+                Ready::Http(_) => next_probe.min(deadline),
+                Ready::Notify => deadline,
+            };
+            match self.events.next(Some(wake)) {
+                Event::ChildExited(status) => {
+                    self.listener = None;
+                    return Err(Failure::ExitedBeforeReady {
+                        name: self.name.clone(),
+                        status: describe_status(status),
+                    });
+                }
+                Event::Signal(signal) if STOP.contains(&signal) => {
+                    info!("got {signal} before the switch; stopping {}", self.name);
+                    self.stop(signal, Some(ABORT_GRACE));
+                    return Err(Failure::StoppedBeforeSwitch {
+                        name: self.name.clone(),
+                        signal,
+                    });
+                }
+                Event::Signal(signal) => self.forward(signal),
+                Event::Notified => {
+                    let child = self.events.child;
+                    if self.events.notify.as_ref().is_some_and(|n| n.ready(child)) {
+                        return self.switch(config, takeover);
+                    }
+                }
+                Event::Timeout if Instant::now() >= deadline => {
+                    let hint = match &config.ready {
+                        Ready::Notify => "; if it does not speak sd_notify, use --ready http:/PATH or --ready delay:DURATION",
+                        _ => "",
+                    };
+                    warn!(
+                        "{} was not ready after {:?}; stopping it",
+                        self.name, config.ready_timeout
+                    );
+                    self.stop(Signal::SIGTERM, Some(ABORT_GRACE));
+                    return Err(Failure::NotReady {
+                        name: self.name.clone(),
+                        timeout: config.ready_timeout,
+                        hint,
+                    });
+                }
+                Event::Timeout => {}
+            }
+        }
+    }
+
+    /// The server is ready: point the public port at it. A failed switch stops it.
+    fn switch(&mut self, config: &Config, takeover: Takeover) -> Result<State, Failure> {
         match takeover.commit() {
             Ok(report) => info!(
                 "{name} is ready: port {public} -> {port} in {us} µs ({attempts} attempt{s}); replaced {removed} rules, signalled {signalled:?}",
@@ -203,313 +478,161 @@ impl Wrapper {
                 removed = report.removed.len(),
                 signalled = report.signalled,
             ),
-            Err(e) => {
-                error!("the switch failed: {e}; stopping {}; the running version keeps serving", self.name);
-                return self.stop(Signal::SIGTERM, Some(Duration::from_secs(10)));
+            Err(source) => {
+                error!("the switch failed: {source}; stopping {}", self.name);
+                self.stop(Signal::SIGTERM, Some(ABORT_GRACE));
+                return Err(Failure::SwitchFailed {
+                    name: self.name.clone(),
+                    source,
+                });
             }
         }
-        ready::notify_manager(
-            self.manager.as_deref(),
-            &format!(
-                "READY=1\nSTATUS=port {} -> {} ({} pid {})",
-                config.port, self.port, self.name, self.child
-            ),
-        );
+        self.tell_manager(&format!(
+            "READY=1\nSTATUS=port {} -> {} ({} pid {})",
+            config.port, self.port, self.name, self.events.child
+        ));
+        Ok(State::Serving)
+    }
+
+    /// Serving until told to stop (or until the server exits on its own).
+    fn serve(&mut self, config: &Config) -> State {
         loop {
-            for signal in self.pending(None) {
-                if signal == Signal::SIGCHLD {
-                    if let Some(status) = self.reap() {
-                        return self.exited_while_serving(status, config.port);
+            match self.events.next(None) {
+                Event::ChildExited(status) => {
+                    self.listener = None;
+                    let public = config.port;
+                    match status {
+                        WaitStatus::Exited(_, 0) => warn!(
+                            "{} exited 0 on its own while serving; port {public} refuses connections until the next deploy",
+                            self.name
+                        ),
+                        _ => error!(
+                            "{} {} while serving; port {public} refuses connections until the next deploy",
+                            self.name,
+                            describe_status(status)
+                        ),
                     }
-                } else if STOP.contains(&signal) {
-                    return self.shut_down(signal, config);
-                } else {
-                    self.forward(signal);
+                    return State::Exited(status);
                 }
+                Event::Signal(signal) if STOP.contains(&signal) => return State::Draining(signal),
+                Event::Signal(signal) => self.forward(signal),
+                Event::Notified => self.discard_notifications(),
+                Event::Timeout => {}
             }
         }
     }
 
-    /// Waits until the server is ready, exits, the timeout passes or we are told to stop.
-    fn wait_ready(&mut self, config: &Config) -> Result<(), NotReady> {
-        let started = Instant::now();
-        let deadline = started + config.ready_timeout;
-        let mut next_probe = started;
-        loop {
-            let now = Instant::now();
-            match &config.ready {
-                Ready::Delay(delay) if now >= started + *delay => return Ok(()),
-                Ready::Http(path) if now >= next_probe => {
-                    let timeout = deadline
-                        .saturating_duration_since(now)
-                        .min(Duration::from_secs(1))
-                        .max(Duration::from_millis(1));
-                    match ready::http_probe(self.port, path, timeout) {
-                        Ok(true) => return Ok(()),
-                        Ok(false) => debug!("GET {path}: not 2xx yet"),
-                        Err(e) => debug!("GET {path}: {e}"),
-                    }
-                    next_probe = Instant::now() + Duration::from_millis(100);
-                }
-                _ => {}
-            }
-            let now = Instant::now();
-            let wake = match &config.ready {
-                Ready::Delay(delay) => (started + *delay).min(deadline),
-                Ready::Http(_) => next_probe.min(deadline),
-                Ready::Notify => deadline,
-            };
-            // Signals first, even past the deadline: a server that exited is reported as
-            // such, not as a timeout.
-            for signal in self.pending(Some(wake.saturating_duration_since(now))) {
-                if signal == Signal::SIGCHLD {
-                    if let Some(status) = self.reap() {
-                        return Err(NotReady::Exited(status));
-                    }
-                } else if STOP.contains(&signal) {
-                    return Err(NotReady::Stopped(signal));
-                } else {
-                    self.forward(signal);
-                }
-            }
-            if let Some(notify) = &self.notify {
-                if notify.ready(self.child) {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(NotReady::TimedOut);
-            }
-        }
-    }
-
-    fn not_ready(&mut self, why: NotReady, timeout: Duration) -> u8 {
-        match why {
-            NotReady::Exited(status) => {
-                self.listener = None;
-                error!(
-                    "{} {} before it was ready; nothing was switched, the running version keeps serving",
-                    self.name,
-                    describe_status(status)
-                );
-                EXIT_NOT_READY
-            }
-            NotReady::TimedOut => {
-                let hint = match &self.notify {
-                    Some(_) => "; if it does not speak sd_notify, use --ready http:/PATH or --ready delay:DURATION",
-                    None => "",
-                };
-                error!(
-                    "{} was not ready after {timeout:?}{hint}; stopping it; nothing was switched, the running version keeps serving",
-                    self.name
-                );
-                self.stop(Signal::SIGTERM, Some(Duration::from_secs(10)));
-                EXIT_NOT_READY
-            }
-            NotReady::Stopped(signal) => {
-                info!(
-                    "got {signal} before the switch; stopping {}; nothing was switched",
-                    self.name
-                );
-                self.stop(signal, None)
-            }
-        }
-    }
-
-    /// SIGTERM/SIGINT after the switch: drain, forward, wait, pass the status on.
-    fn shut_down(&mut self, signal: Signal, config: &Config) -> u8 {
-        ready::notify_manager(self.manager.as_deref(), "STOPPING=1");
+    /// SIGTERM/SIGINT after the switch: keep the server accepting until its accept queue
+    /// has stayed empty for the idle period (a second signal cuts it short).
+    fn drain(&mut self, config: &Config, signal: Signal) -> State {
+        self.tell_manager("STOPPING=1");
         info!(
             "got {signal}: waiting until the accept queue of port {} stays empty, then stopping {}",
             self.port, self.name
         );
-        // Our copy of the socket if the server got it; else the queue is read from
-        // /proc/net/tcp{,6} (a listening socket's rx_queue is its accept queue).
-        let listener = self.listener.take();
         let mut tracker = config.drain.tracker();
-        let report = loop {
-            let sample = match &listener {
+        loop {
+            // Our copy of the socket if the server got it; else the queue is read from
+            // /proc/net/tcp{,6} (a listening socket's rx_queue is its accept queue).
+            let sample = match &self.listener {
                 Some(listener) => tracker.check(listener),
-                None => proc_accept_queue(self.port).map(|queued| tracker.check_len(queued)),
+                None => tracker.check_port(self.port),
             };
             match sample {
-                Ok(Some(report)) => break Some(report),
+                Ok(Some(report)) => {
+                    info!(
+                        "drained in {} ms (longest accept queue {}{})",
+                        report.waited.as_millis(),
+                        report.max_queue,
+                        if report.timed_out {
+                            ", gave up waiting"
+                        } else {
+                            ""
+                        }
+                    );
+                    break;
+                }
                 Ok(None) => {}
                 Err(e) => {
                     warn!("cannot read the accept queue ({e}); stopping without a drain");
-                    break None;
+                    break;
                 }
             }
-            let mut again = false;
-            for pending in self.pending(Some(tracker.interval())) {
-                if pending == Signal::SIGCHLD {
-                    if let Some(status) = self.reap() {
-                        info!("{} {} during the drain", self.name, describe_status(status));
-                        return exit_code(status);
-                    }
-                } else if STOP.contains(&pending) {
-                    again = true;
-                } else {
-                    self.forward(pending);
+            match self.events.next(Some(Instant::now() + tracker.interval())) {
+                Event::ChildExited(status) => {
+                    info!("{} {} during the drain", self.name, describe_status(status));
+                    self.listener = None;
+                    return State::Exited(status);
                 }
-            }
-            if again {
-                info!("got {signal} again: stopping without waiting for the drain");
-                break None;
-            }
-        };
-        drop(listener);
-        if let Some(report) = report {
-            info!(
-                "drained in {} ms (longest accept queue {}{})",
-                report.waited.as_millis(),
-                report.max_queue,
-                if report.timed_out {
-                    ", gave up waiting"
-                } else {
-                    ""
+                Event::Signal(again) if STOP.contains(&again) => {
+                    info!("got {again} again: stopping without waiting for the drain");
+                    break;
                 }
-            );
+                Event::Signal(other) => self.forward(other),
+                Event::Notified => self.discard_notifications(),
+                Event::Timeout => {}
+            }
         }
-        self.stop(signal, config.kill_after)
+        State::Stopping {
+            signal,
+            kill_after: config.kill_after,
+        }
     }
 
     /// Forwards `signal`, lets go of our copy of the listener (so that nobody holds a
-    /// socket that nobody accepts on), waits for the server and returns its exit code;
-    /// SIGKILL after `kill_after`.
-    fn stop(&mut self, signal: Signal, kill_after: Option<Duration>) -> u8 {
+    /// socket that nobody accepts on), and waits for the server; SIGKILL after
+    /// `kill_after`.
+    fn stop(&mut self, signal: Signal, kill_after: Option<Duration>) -> State {
         self.forward(signal);
         self.listener = None;
-        let deadline = kill_after.map(|d| Instant::now() + d);
-        let mut killed = false;
+        let mut deadline = kill_after.map(|d| Instant::now() + d);
         loop {
-            if let Some(status) = self.reap() {
-                info!("{} {}", self.name, describe_status(status));
-                return exit_code(status);
-            }
-            let timeout = match deadline {
-                Some(d) if !killed => Some(d.saturating_duration_since(Instant::now())),
-                _ => None,
-            };
-            if timeout == Some(Duration::ZERO) {
-                warn!(
-                    "{} still runs {:?} after {signal}: SIGKILL",
-                    self.name,
-                    kill_after.unwrap_or_default()
-                );
-                self.forward(Signal::SIGKILL);
-                killed = true;
-                continue;
-            }
-            for pending in self.pending(timeout) {
-                if pending != Signal::SIGCHLD {
-                    self.forward(pending);
+            match self.events.next(deadline) {
+                Event::ChildExited(status) => {
+                    info!("{} {}", self.name, describe_status(status));
+                    return State::Exited(status);
                 }
+                Event::Timeout => {
+                    warn!(
+                        "{} still runs {:?} after {signal}: SIGKILL",
+                        self.name,
+                        kill_after.unwrap_or_default()
+                    );
+                    self.forward(Signal::SIGKILL);
+                    deadline = None;
+                }
+                Event::Signal(other) => self.forward(other),
+                Event::Notified => self.discard_notifications(),
             }
         }
     }
 
-    fn exited_while_serving(&mut self, status: WaitStatus, public: u16) -> u8 {
-        self.listener = None;
-        match status {
-            WaitStatus::Exited(_, 0) => warn!(
-                "{} exited 0 on its own while serving; port {public} refuses connections until the next deploy",
-                self.name
-            ),
-            _ => error!(
-                "{} {} while serving; port {public} refuses connections until the next deploy",
-                self.name,
-                describe_status(status)
-            ),
+    fn discard_notifications(&self) {
+        if let Some(notify) = &self.events.notify {
+            notify.ready(self.events.child);
         }
-        exit_code(status)
-    }
-
-    /// Waits up to `timeout` (forever with `None`) for signals and returns those pending.
-    fn pending(&mut self, timeout: Option<Duration>) -> Vec<Signal> {
-        let timeout = match timeout {
-            None => PollTimeout::NONE,
-            Some(t) => PollTimeout::try_from(t.as_millis().max(1).min(i32::MAX as u128) as i32)
-                .unwrap_or(PollTimeout::MAX),
-        };
-        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-        if let Some(notify) = &self.notify {
-            fds.push(PollFd::new(notify.fd(), PollFlags::POLLIN));
-        }
-        if let Err(e) = poll(&mut fds, timeout) {
-            if e != nix::errno::Errno::EINTR {
-                warn!("poll: {e}");
-            }
-        }
-        drop(fds);
-        let mut signals = Vec::new();
-        while let Ok(Some(info)) = self.signals.read_signal() {
-            if let Ok(signal) = Signal::try_from(info.ssi_signo as i32) {
-                signals.push(signal);
-            }
-        }
-        signals
     }
 
     fn forward(&self, signal: Signal) {
-        debug!("forwarding {signal} to {}", self.child);
-        if let Err(e) = kill(self.child, signal) {
-            warn!(
-                "cannot send {signal} to {} (pid {}): {e}",
-                self.name, self.child
-            );
+        let child = self.events.child;
+        debug!("forwarding {signal} to {child}");
+        // The pidfd names exactly our server, even after it exited (then ESRCH).
+        if let Err(e) = self.events.child_fd.send_signal(signal as i32) {
+            if e != nix::errno::Errno::ESRCH {
+                warn!("cannot send {signal} to {} (pid {child}): {e}", self.name);
+            }
         }
     }
 
-    /// The server's status if it has exited (reaping it), else `None`.
-    fn reap(&self) -> Option<WaitStatus> {
-        match waitpid(self.child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => None,
-            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => Some(status),
-            Ok(_) => None,
-            // ECHILD: already reaped, which only this function does.
-            Err(_) => Some(WaitStatus::Exited(self.child, EXIT_ERROR.into())),
+    /// Tells the service manager that started `switcheroo run` (when `NOTIFY_SOCKET` was
+    /// set) how it is doing.
+    fn tell_manager(&self, state: &str) {
+        if let Some(socket) = &self.manager {
+            if let Err(e) = switcheroo::activation::notify_to(socket, state) {
+                warn!("could not notify the service manager at {socket}: {e}");
+            }
         }
     }
-}
-
-/// The accept queue of the listening sockets on `port` in this network namespace, from
-/// `/proc/net/tcp` and `/proc/net/tcp6` (0 when nothing listens there any more).
-fn proc_accept_queue(port: u16) -> std::io::Result<u32> {
-    let mut queued = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = match std::fs::read_to_string(table) {
-            Ok(text) => text,
-            // No IPv6 in this kernel.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        queued += listen_queue(&text, port);
-    }
-    Ok(queued)
-}
-
-/// Sums the rx_queue of the LISTEN (state 0A) lines for `port` of a /proc/net/tcp table.
-fn listen_queue(table: &str, port: u16) -> u32 {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            let queues = fields.next()?;
-            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-            let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
-            (state == "0A" && local_port == port).then_some(rx)
-        })
-        .sum()
-}
-
-/// Logs an error and returns the exit code for it.
-fn fail(code: u8, message: impl std::fmt::Display) -> u8 {
-    error!("{message}");
-    code
 }
 
 /// `arg` with every `{port}` replaced by the internal port.
@@ -570,24 +693,6 @@ mod tests {
     }
 
     #[test]
-    fn proc_net_tcp_listen_queue() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000:9D90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
-   1: 0100007F:9D90 0100007F:A000 01 00000000:00000005 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
-   2: 00000000:1F90 00000000:0000 0A 00000000:00000007 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
-";
-        assert_eq!(listen_queue(table, 0x9D90), 3);
-        assert_eq!(listen_queue(table, 0x1F90), 7);
-        assert_eq!(listen_queue(table, 1), 0);
-        // A real listener: two connections nobody accepted.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let _a = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let _b = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        assert_eq!(proc_accept_queue(port).unwrap(), 2);
-    }
-
-    #[test]
     fn exit_codes() {
         let pid = Pid::from_raw(1);
         assert_eq!(exit_code(WaitStatus::Exited(pid, 0)), 0);
@@ -596,5 +701,37 @@ mod tests {
             exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
             137
         );
+    }
+
+    #[test]
+    fn every_failure_exits_non_zero() {
+        let name = String::from("server");
+        let failures = [
+            Failure::Setup("x".into()),
+            Failure::Switcheroo(switcheroo::Error::InvalidPort),
+            Failure::Spawn {
+                name: name.clone(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
+            Failure::ExitedBeforeReady {
+                name: name.clone(),
+                status: "exited with status 0".into(),
+            },
+            Failure::NotReady {
+                name: name.clone(),
+                timeout: Duration::from_secs(1),
+                hint: "",
+            },
+            Failure::StoppedBeforeSwitch {
+                name: name.clone(),
+                signal: Signal::SIGTERM,
+            },
+            Failure::SwitchFailed {
+                name,
+                source: switcheroo::Error::NoRoutes,
+            },
+        ];
+        let codes: Vec<u8> = failures.iter().map(Failure::exit_code).collect();
+        assert_eq!(codes, [1, 1, 3, 3, 3, 3, 1]);
     }
 }

@@ -1,0 +1,85 @@
+//! What `/proc/<pid>/stat` says of a process: its parent and its start time.
+//!
+//! The start time (field 22, clock ticks since boot) together with the pid names one
+//! process for good: a later process that gets the same pid starts later. Rule comments
+//! carry it, so an instance is signalled only if it is still the process that wrote its
+//! rule.
+
+use std::io;
+
+/// The fields of `/proc/<pid>/stat` that switcheroo reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// The process id (field 1).
+    pub pid: u32,
+    /// The parent's process id (field 4; 0 for a process whose parent is in another pid
+    /// namespace).
+    pub parent: u32,
+    /// The start time in clock ticks since boot (field 22).
+    pub start_time: u64,
+}
+
+impl Stat {
+    /// Reads `/proc/<pid>/stat`. NotFound: no such process.
+    pub fn of(pid: u32) -> io::Result<Stat> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        Stat::parse(&text).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/proc/{pid}/stat: unexpected format"),
+            )
+        })
+    }
+
+    /// The stat of the calling process.
+    pub fn this_process() -> io::Result<Stat> {
+        Stat::of(std::process::id())
+    }
+
+    /// Parses a `/proc/<pid>/stat` line. Field 2, the command in parentheses, may contain
+    /// spaces and parentheses itself, so fields are counted after its last `)`.
+    pub fn parse(line: &str) -> Option<Stat> {
+        let (head, rest) = line.rsplit_once(')')?;
+        let pid = head.split_once(" (")?.0.trim().parse().ok()?;
+        // Fields 3.. follow the command: field N is the (N - 3)th of them.
+        let mut fields = rest.split_ascii_whitespace();
+        let parent = fields.nth(4 - 3)?.parse().ok()?;
+        let start_time = fields.nth(22 - 4 - 1)?.parse().ok()?;
+        Some(Stat {
+            pid,
+            parent,
+            start_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_survive_odd_command_names() {
+        let mut fields: Vec<String> = (3..=52).map(|i| i.to_string()).collect();
+        fields[4 - 3] = "77".into();
+        fields[22 - 3] = "98765".into();
+        let line = format!("1234 (a) b (c) {}", fields.join(" "));
+        assert_eq!(
+            Stat::parse(&line),
+            Some(Stat {
+                pid: 1234,
+                parent: 77,
+                start_time: 98765
+            })
+        );
+        assert_eq!(Stat::parse("1234 (a"), None);
+        assert_eq!(Stat::parse(""), None);
+    }
+
+    #[test]
+    fn this_process_is_read() {
+        let me = Stat::this_process().unwrap();
+        assert_eq!(me.pid, std::process::id());
+        assert_eq!(me.parent, nix::unistd::getppid().as_raw() as u32);
+        assert!(me.start_time > 0);
+    }
+}

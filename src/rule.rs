@@ -1,0 +1,69 @@
+//! A switcheroo rule as found in the kernel: where it is, what it redirects, and who owns
+//! it. Built in one place, [`Rule::from_entry`], from a dump or from the kernel's echo of
+//! an insert.
+
+use crate::comment::Identity;
+use crate::owner;
+use switcheroo_sys::{Chain, Family, Handle, RuleEntry};
+
+/// One switcheroo rule of a namespace, as found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The namespace from the rule's comment.
+    pub namespace: String,
+    /// `ip` (IPv4) or `ip6` (IPv6) nat table.
+    pub family: Family,
+    /// `PREROUTING` (from the network) or `OUTPUT` (from this host).
+    pub chain: Chain,
+    /// The kernel's handle of the rule.
+    pub handle: Handle,
+    /// The matched destination port (`--dport`).
+    pub public_port: u16,
+    /// The port connections are redirected to (`--to-ports`).
+    pub internal_port: u16,
+    /// The pid of the process that committed the rule.
+    pub pid: Option<u32>,
+    /// That process's start time (field 22 of `/proc/<pid>/stat`), absent in rules written
+    /// by the Go original.
+    pub start: Option<u64>,
+    /// Whether that process is still running (same pid and, when recorded, same start time).
+    pub alive: bool,
+}
+
+impl Rule {
+    /// `entry` as a switcheroo rule, if its comment makes it one (of `namespace`, when
+    /// given); `None` for every other rule, which is somebody else's.
+    pub(crate) fn from_entry(entry: RuleEntry, namespace: Option<&str>) -> Option<Rule> {
+        let redirect = entry.redirect?;
+        let id = Identity::parse(&redirect.comment)?;
+        if namespace.is_some_and(|ns| ns != id.namespace) {
+            return None;
+        }
+        Some(Rule {
+            alive: owner::is_alive(&id),
+            namespace: id.namespace,
+            family: entry.family,
+            chain: entry.chain,
+            handle: entry.handle,
+            public_port: redirect.public_port,
+            internal_port: redirect.to_port,
+            pid: Some(id.pid),
+            start: id.start,
+        })
+    }
+
+    /// The owner named by the comment.
+    pub(crate) fn identity(&self) -> Option<Identity> {
+        Some(Identity {
+            namespace: self.namespace.clone(),
+            port: self.internal_port,
+            pid: self.pid?,
+            start: self.start,
+        })
+    }
+
+    /// Where the rule is: enough to delete it.
+    pub(crate) fn place(&self) -> (Family, Chain, Handle) {
+        (self.family, self.chain, self.handle)
+    }
+}

@@ -1,0 +1,166 @@
+//! The netlink layer against the running kernel, each test on a thread of its own in a
+//! network namespace of its own (`unshare(CLONE_NEWNET)` moves only the calling thread;
+//! the namespace disappears with the thread). Needs root; skips without it, except under
+//! CI (`CI=true`), where it fails.
+
+use std::process::Command;
+use switcheroo_sys::{Batch, Chain, Conn, Error, Family, Op, OwnedTable, Redirect};
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("needs root (network namespaces and nftables); CI=true forbids skipping");
+    }
+    eprintln!("skipped: needs root (network namespaces and nftables)");
+    false
+}
+
+/// Runs `f` on a new thread in a new network namespace; `f` gets the path of that
+/// namespace for programs that must enter it (`nsenter --net=PATH`).
+fn in_new_netns<T: Send>(f: impl FnOnce(&str) -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let path = format!(
+                "/proc/{}/task/{}/ns/net",
+                std::process::id(),
+                nix::unistd::gettid()
+            );
+            f(&path)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn nft(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .arg("nft")
+        .args(args)
+        .output()
+        .expect("run nsenter nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn redirect() -> Redirect {
+    Redirect::new(8080, 40400, "SWITCHEROO:ns=t:port=40400:pid=1:start=1").unwrap()
+}
+
+fn lock(name: &str) -> Batch {
+    let mut b = Batch::new(None);
+    b.push(Op::AddOwnedTable(OwnedTable::new(name).unwrap()));
+    b
+}
+
+#[test]
+fn an_owned_table_is_held_by_one_socket_survives_a_flush_and_goes_with_its_socket() {
+    if !privileged() {
+        return;
+    }
+    in_new_netns(|path| {
+        let mut a = Conn::open().unwrap();
+        let mut b = Conn::open().unwrap();
+        a.apply(&lock("switcheroo-lock-t")).unwrap();
+        let err = b.apply(&lock("switcheroo-lock-t")).unwrap_err();
+        assert!(err.is_held(), "{err}");
+        // An operator's `nft flush ruleset` leaves another socket's owned table alone.
+        nft(path, &["flush", "ruleset"]);
+        assert!(b.apply(&lock("switcheroo-lock-t")).unwrap_err().is_held());
+        assert!(nft(path, &["list", "tables"]).contains("switcheroo-lock-t"));
+        // Closing the owner's socket (what a SIGKILL does) releases it.
+        drop(a);
+        b.apply(&lock("switcheroo-lock-t")).unwrap();
+        let mut release = Batch::new(None);
+        release.push(Op::DeleteOwnedTable(
+            OwnedTable::new("switcheroo-lock-t").unwrap(),
+        ));
+        b.apply(&release).unwrap();
+        assert!(!nft(path, &["list", "tables"]).contains("switcheroo-lock-t"));
+    });
+}
+
+#[test]
+fn a_checked_batch_is_answered_but_never_applied() {
+    if !privileged() {
+        return;
+    }
+    in_new_netns(|path| {
+        let mut conn = Conn::open().unwrap();
+        let before = nft(path, &["list", "ruleset"]);
+        let mut b = Batch::new(None);
+        b.push(Op::AddTable(Family::Ipv4));
+        b.push(Op::AddChain(Family::Ipv4, Chain::Output));
+        b.insert_rule(Family::Ipv4, Chain::Output, redirect());
+        conn.check(&b).unwrap();
+        assert_eq!(nft(path, &["list", "ruleset"]), before);
+        // The same batch, checked with an insert into a chain that does not exist: the
+        // kernel names the refused operation, and still nothing is applied.
+        let mut b = Batch::new(None);
+        b.push(Op::AddTable(Family::Ipv4));
+        b.insert_rule(Family::Ipv4, Chain::Output, redirect());
+        let err = conn.check(&b).unwrap_err();
+        assert!(err.is_missing(), "{err}");
+        assert_eq!(nft(path, &["list", "ruleset"]), before);
+    });
+}
+
+#[test]
+fn this_kernel_has_every_part_and_a_vanished_chain_is_not_called_unsupported() {
+    if !privileged() {
+        return;
+    }
+    in_new_netns(|path| {
+        let mut conn = Conn::open().unwrap();
+        for family in Family::ALL {
+            conn.probe_support(family, Chain::Prerouting, &redirect())
+                .unwrap();
+        }
+        let mut setup = Batch::new(None);
+        setup.push(Op::AddTable(Family::Ipv4));
+        setup.push(Op::AddChain(Family::Ipv4, Chain::Output));
+        conn.apply(&setup).unwrap();
+        assert!(conn
+            .list_rules(Family::Ipv4, Chain::Output)
+            .unwrap()
+            .is_empty());
+        // Between the dump and the batch, an operator flushes the ruleset.
+        nft(path, &["flush", "ruleset"]);
+        let mut insert = Batch::new(None);
+        insert.insert_rule(Family::Ipv4, Chain::Output, redirect());
+        let err = conn.apply(&insert).unwrap_err();
+        assert!(err.is_missing(), "{err}");
+        assert!(!matches!(err, Error::Unsupported { .. }), "{err}");
+        // The probe says the kernel lacks nothing: the chain was deleted, not missing.
+        conn.probe_support(Family::Ipv4, Chain::Output, &redirect())
+            .unwrap();
+        assert_eq!(nft(path, &["list", "ruleset"]), "");
+    });
+}
+
+#[test]
+fn the_netns_cookie_tells_namespaces_apart_and_stays_with_the_socket() {
+    if !privileged() {
+        return;
+    }
+    let here = Conn::open().unwrap();
+    let (there, cookie_there) = in_new_netns(|_| {
+        let c = Conn::open().unwrap();
+        let cookie = c.netns_cookie().unwrap();
+        (c, cookie)
+    });
+    assert_ne!(here.netns_cookie().unwrap(), cookie_there);
+    // Used from this thread, the socket still belongs to the namespace it was opened in.
+    assert_eq!(there.netns_cookie().unwrap(), cookie_there);
+    let ns = std::fs::File::open("/proc/thread-self/ns/net").unwrap();
+    assert!(switcheroo_sys::netns::is_network_namespace(&ns).unwrap());
+    let not_ns = std::fs::File::open("/proc/self/stat").unwrap();
+    assert!(!switcheroo_sys::netns::is_network_namespace(&not_ns).unwrap_or(false));
+}
