@@ -165,10 +165,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         Some(takeover) => {
             let report = takeover.commit()?;
             eprintln!(
-                "switched port={} in={}us attempts={} removed={} signalled={:?}",
+                "switched port={} in={}us attempts={} lock_wait={}us removed={} signalled={:?}",
                 report.port,
                 report.elapsed.as_micros(),
                 report.attempts,
+                report.lock_wait.as_micros(),
                 report.removed.len(),
                 report.signalled
             );

@@ -71,7 +71,7 @@ mod takeover;
 mod transaction;
 
 pub use comment::Identity;
-pub use drain::{Drain, DrainReport, DrainTracker};
+pub use drain::{accept_queue_of_port, Drain, DrainReport, DrainTracker};
 pub use error::{Error, Result};
 pub use routes::Routes;
 pub use rule::Rule;

@@ -44,22 +44,24 @@ pub(crate) enum Lock {
 
 impl Lock {
     /// Takes the lock of `namespace` on `conn`, waiting up to [`WAIT`] while another
-    /// socket holds it. Returns how long it waited.
+    /// socket holds it. Returns how long it waited for the other holder: zero when the
+    /// lock was free.
     pub fn acquire(conn: &mut Conn, namespace: &str) -> Result<(Lock, Duration)> {
         let table = OwnedTable::new(format!("switcheroo-lock-{namespace}"))?;
         let mut batch = Batch::new(None);
         batch.push(Op::AddOwnedTable(table.clone()));
         let started = Instant::now();
+        let mut waited = false;
         loop {
             match conn.apply(&batch) {
+                Ok(_) if !waited => return Ok((Lock::Held(table), Duration::ZERO)),
                 Ok(_) => {
                     let waited = started.elapsed();
-                    if waited > Duration::from_millis(1) {
-                        debug!("namespace {namespace}: lock acquired after {waited:?}");
-                    }
+                    debug!("namespace {namespace}: lock acquired after {waited:?}");
                     return Ok((Lock::Held(table), waited));
                 }
                 Err(e) if e.is_held() => {
+                    waited = true;
                     if started.elapsed() > WAIT {
                         warn!("namespace {namespace}: another instance has held the commit lock for {WAIT:?}");
                         return Err(Error::Busy {

@@ -261,6 +261,32 @@ fn a_server_that_is_not_ready_switches_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "left running: {leftovers:?}");
 
+    // Told to stop before the switch: the server is stopped and run says it did not
+    // switch, whatever the server's own status (a `sleep` killed by SIGTERM).
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, BIN, "run"])
+        .args(range)
+        .args(["--ready", "delay:30s", "--", "sleep", "60"]);
+    let mut stopped = Hello::start_with(cmd, "started line", |line| {
+        line.contains("started sleep (pid ").then_some((0, 0))
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = stopped.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert_eq!(status.code(), Some(3), "{:?}", stopped.log);
+    assert!(
+        stopped
+            .log
+            .iter()
+            .any(|l| l.contains("before the switch") && l.contains("nothing was switched")),
+        "{:?}",
+        stopped.log
+    );
+    assert_eq!(ns.rule_lines(), before);
+
     // Bad input: exit 1 (switcheroo's own error) or 2 (arguments), ruleset untouched.
     let (status, output) = run_to_end(
         &ns,
@@ -299,6 +325,65 @@ fn a_server_that_is_not_ready_switches_nothing() {
     assert_eq!(status.code(), Some(5), "{:?}", short.log);
     // It replaced the first instance, which drained and exited 0.
     first.expect_clean_exit("the replaced instance");
+}
+
+#[test]
+fn a_switch_that_fails_exits_1_and_stops_the_server() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let before = ns.rule_lines();
+    // Another privileged deployer of namespace `svc` holds the commit lock (its socket
+    // owns the lock table) for longer than a commit waits.
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let ns = &ns;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            ns.enter(move || {
+                use switcheroo_sys::{Batch, Conn, Op, OwnedTable};
+                let mut conn = Conn::open().unwrap();
+                let mut lock = Batch::new(None);
+                lock.push(Op::AddOwnedTable(
+                    OwnedTable::new("switcheroo-lock-svc").unwrap(),
+                ));
+                conn.apply(&lock).unwrap();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            })
+        });
+        held_rx.recv().unwrap();
+        let (status, output) = run_to_end(
+            ns,
+            &[
+                "--namespace",
+                "svc",
+                "--port",
+                "8080",
+                "--range",
+                "41300-41399",
+                "--ready",
+                "delay:100ms",
+                "--",
+                common::example("hello").to_str().unwrap(),
+            ],
+        );
+        release_tx.send(()).unwrap();
+        assert_eq!(status.code(), Some(1), "{output}");
+        assert!(output.contains("the switch failed"), "{output}");
+        assert!(output.contains("has held the commit lock"), "{output}");
+        assert!(
+            output.contains("the running version keeps serving"),
+            "{output}"
+        );
+        // The server it started was stopped (hello drains and exits 0 on SIGTERM: run
+        // still says 1).
+        assert!(output.contains("exited with status 0"), "{output}");
+    });
+    assert_eq!(ns.rule_lines(), before, "nothing was switched");
+    let leftovers = ns.pids();
+    assert!(leftovers.is_empty(), "left running: {leftovers:?}");
 }
 
 #[test]

@@ -662,3 +662,338 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
         "{rules:?}"
     );
 }
+
+/// `lock_wait=<µs>` and `attempts=<n>` from hello's `switched` line.
+fn switch_figures(h: &mut common::Hello) -> (u64, u32) {
+    let line = h.line("switched");
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.trim_end_matches("us").to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    (
+        field("lock_wait=").parse().unwrap(),
+        field("attempts=").parse().unwrap(),
+    )
+}
+
+const NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
+
+/// As `nobody`, in the service's network namespace: holds the abstract socket name the
+/// old lock used, and tries without pause to create (or delete) the lock table, with
+/// and without the owner flag. Prints how many tries it made and how they ended.
+const ATTACKER: &str = r#"
+import socket, subprocess, sys, time
+held = socket.socket(socket.AF_UNIX)
+held.bind("\0switcheroo/hello")
+held.listen(1)
+tries, refused = 0, 0
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    for cmd in (["nft", "add table inet switcheroo-lock-hello { flags owner; }"],
+                ["nft", "add table inet switcheroo-lock-hello"],
+                ["nft", "delete table inet switcheroo-lock-hello"]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        tries += 1
+        refused += out.returncode != 0 and "Operation not permitted" in out.stderr
+print(f"attacker tries={tries} refused={refused}", flush=True)
+"#;
+
+#[test]
+fn an_unprivileged_user_cannot_hold_or_slow_the_commit_lock() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let _first = ns.hello(&[]);
+    // The system's python: nobody cannot reach a python under root's home (pyenv).
+    let python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists() || !p.starts_with('/'))
+        .unwrap();
+    let attacker = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(NOBODY)
+        .args([python, "-c", ATTACKER, "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut figures = Vec::new();
+    for _ in 0..5 {
+        let mut h = ns.hello(&[]);
+        figures.push(switch_figures(&mut h));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = attacker.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}(lock_wait µs, attempts) per deploy: {figures:?}");
+    let field = |name: &str| -> u64 {
+        report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.parse().ok())
+            .unwrap_or_else(|| panic!("attacker said {report:?} {:?}", out.stderr))
+    };
+    assert!(field("tries=") > 10, "the attacker ran: {report}");
+    assert_eq!(field("tries="), field("refused="), "every try was refused");
+    // Every deploy found the lock free at once: nobody unprivileged held it.
+    assert!(figures.iter().all(|(wait, _)| *wait == 0), "{figures:?}");
+    let tables = ns.ok(&["nft", "list", "tables"]);
+    assert!(!tables.contains("switcheroo-lock"), "released: {tables}");
+    assert_eq!(ours(&ns).len(), 4);
+}
+
+#[test]
+fn two_privileged_deployers_take_turns_on_the_lock() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let first = ns.hello(&[]);
+    let before = ns.rule_lines();
+    // Another privileged deployer holds the namespace's lock: its socket owns the table.
+    let (holder_tx, holder_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let ns = &ns;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            ns.enter(move || {
+                let mut conn = Conn::open().unwrap();
+                let mut lock = Batch::new(None);
+                lock.push(switcheroo_sys::Op::AddOwnedTable(
+                    switcheroo_sys::OwnedTable::new("switcheroo-lock-hello").unwrap(),
+                ));
+                conn.apply(&lock).unwrap();
+                held_tx.send(()).unwrap();
+                let _ = holder_rx.recv();
+                // Dropping the socket releases the lock, as a holder's exit would.
+            })
+        });
+        held_rx.recv().unwrap();
+        let second = s.spawn(|| ns.hello(&[]));
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(
+            ns.rule_lines(),
+            before,
+            "nothing switched while the lock was held"
+        );
+        assert!(alive(first.pid));
+        holder_tx.send(()).unwrap();
+        let mut second = second.join().unwrap();
+        let (wait, _) = switch_figures(&mut second);
+        assert!(wait > 0, "the second deployer waited for the first");
+        let rules = ours(ns);
+        assert_eq!(rules.len(), 4, "{rules:?}");
+        assert!(rules
+            .iter()
+            .all(|l| l.contains(&format!("pid={}:", second.pid))));
+    });
+}
+
+/// `(generation, [(family, chain, handle)])` of a record file.
+fn read_record(path: &std::path::Path) -> (u32, Vec<(String, String, u64)>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let generation = text
+        .lines()
+        .find_map(|l| l.strip_prefix("generation "))
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in {text:?}"));
+    let rules = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("rule ")?.split(' ');
+            Some((
+                w.next()?.to_owned(),
+                w.next()?.to_owned(),
+                w.next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    (generation, rules)
+}
+
+#[test]
+fn a_record_of_a_deleted_namespace_never_hides_a_rule_of_a_new_one() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let ns1 = Netns::new();
+    let dir = common::TempPath::new(&ns1, "records");
+    let inode = |ns: &Netns| {
+        std::fs::metadata(format!("/run/netns/{}", ns.name))
+            .unwrap()
+            .ino()
+    };
+    let ino1 = inode(&ns1);
+    let old = ns1.hello(&["--record-dir", dir.as_str()]);
+    let (pid, port, start) = (old.pid, old.port, common::start_time(old.pid));
+    let (generation, recorded) = read_record(&record_path(&dir.0, "hello"));
+    assert_eq!(recorded.len(), 4, "{recorded:?}");
+    drop(old);
+    drop(ns1);
+
+    // A new namespace, most likely with the dead one's inode, crafted to the record's
+    // generation and handles (the same operations as hello's first commit, batch for
+    // batch), plus one more rule of namespace `hello` at the head of ip PREROUTING.
+    let ns2 = Netns::new();
+    eprintln!(
+        "the new namespace reuses the inode: {}",
+        inode(&ns2) == ino1
+    );
+    ns2.enter(|| {
+        use switcheroo_sys::{Op, OwnedTable};
+        let mut conn = Conn::open().unwrap();
+        let lock = || OwnedTable::new("switcheroo-lock-hello").unwrap();
+        let mut b = Batch::new(None);
+        b.push(Op::AddOwnedTable(lock()));
+        conn.apply(&b).unwrap();
+        let comment = format!("SWITCHEROO:ns=hello:port={port}:pid={pid}:start={start}");
+        let same = Redirect::new(8080, port, &comment).unwrap();
+        let mut b = Batch::new(None);
+        for family in Family::ALL {
+            b.push(Op::AddTable(family));
+            for chain in Chain::ALL {
+                b.push(Op::AddChain(family, chain));
+                b.insert_rule(family, chain, same.clone());
+            }
+        }
+        let extra = "SWITCHEROO:ns=hello:port=40499:pid=1:start=1";
+        b.insert_rule(
+            Family::Ipv4,
+            Chain::Prerouting,
+            Redirect::new(8080, 40499, extra).unwrap(),
+        );
+        b.push(Op::DeleteOwnedTable(lock()));
+        conn.apply(&b).unwrap();
+        while conn.generation().unwrap() < generation {
+            let mut bump = Batch::new(None);
+            bump.push(Op::AddOwnedTable(OwnedTable::new("bump").unwrap()));
+            bump.push(Op::DeleteOwnedTable(OwnedTable::new("bump").unwrap()));
+            conn.apply(&bump).unwrap();
+        }
+        assert_eq!(conn.generation().unwrap(), generation, "crafted generation");
+        for (family, chain, handle) in &recorded {
+            let family = if family == "ip" {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            };
+            let chain = Chain::from_name(chain).unwrap();
+            let rule = conn.get_rule(family, chain, *handle).unwrap();
+            assert!(
+                rule.is_some_and(|r| r.redirect.is_some_and(|r| r.comment == comment)),
+                "crafted handle {family} {chain} {handle}"
+            );
+        }
+    });
+    let lines = ours(&ns2);
+    assert_eq!(lines.len(), 5, "the record's four and one more: {lines:?}");
+
+    let new = ns2.hello(&["--record-dir", dir.as_str()]);
+    let lines = ours(&ns2);
+    assert_eq!(lines.len(), 4, "every older rule replaced: {lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(&format!("pid={}:", new.pid))),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let stop = AtomicBool::new(false);
+    let deletions = AtomicU64::new(0);
+    let mut retried = 0;
+    let mut commits = 0;
+    let mut attempts_seen = Vec::new();
+    std::thread::scope(|s| {
+        // The racing writer: the moment a commit of namespace `flushed` takes its lock
+        // (the kernel announces the lock table), it deletes both nat tables, chains and
+        // rules and all, as `nft flush ruleset` would: between the commit's read and its
+        // batch, or during the read.
+        let watcher = s.spawn(|| {
+            ns.enter(|| {
+                let mut monitor = switcheroo_sys::monitor::Monitor::open().unwrap();
+                let mut conn = Conn::open().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let event = monitor.next(Some(Duration::from_millis(50))).unwrap();
+                    let Some(switcheroo_sys::monitor::Event::NewTable(_, name)) = event else {
+                        continue;
+                    };
+                    if name != "switcheroo-lock-flushed" {
+                        continue;
+                    }
+                    for family in Family::ALL {
+                        let mut b = Batch::new(None);
+                        b.push(switcheroo_sys::Op::DeleteTable(family));
+                        if conn.apply(&b).is_ok() {
+                            deletions.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        });
+        let _stop = common::StopOnDrop(&stop);
+        std::thread::sleep(Duration::from_millis(100));
+        ns.enter(|| {
+            let sw = Switcheroo::builder("flushed", 8080).build().unwrap();
+            let mut listeners = Vec::new();
+            while commits < 200 && retried < 5 {
+                let (l, t) = sw.begin().unwrap();
+                listeners.push(l);
+                if listeners.len() > 50 {
+                    listeners.remove(0);
+                }
+                commits += 1;
+                match t.commit() {
+                    Ok(report) => {
+                        attempts_seen.push(report.attempts);
+                        if report.attempts > 1 {
+                            retried += 1;
+                        }
+                    }
+                    Err(switcheroo::Error::Conflict { attempts, .. }) => {
+                        // Possible in principle; its count must be the real one.
+                        assert_eq!(attempts, sw.max_attempts(), "the real count");
+                    }
+                    Err(e) => panic!("commit {commits}: {e}"),
+                }
+            }
+        });
+        stop.store(true, Ordering::Relaxed);
+        watcher.join().unwrap();
+    });
+    eprintln!(
+        "{commits} commits, {} table deletions under them, attempts per commit: {attempts_seen:?}",
+        deletions.load(Ordering::Relaxed)
+    );
+    assert!(
+        retried > 0,
+        "the deletions raced the commits: {attempts_seen:?}"
+    );
+    // With the writer stopped, a commit lands as usual and leaves exactly its rules.
+    let port = ns.enter(|| {
+        let sw = Switcheroo::builder("flushed", 8080).build().unwrap();
+        let (_l, t) = sw.begin().unwrap();
+        let port = t.port();
+        assert_eq!(t.commit().unwrap().attempts, 1);
+        port
+    });
+    let lines = ours(&ns);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains(&format!("port={port}:"))));
+}

@@ -341,3 +341,87 @@ fn rules_and_cleanup_through_the_library() {
     assert_eq!(others, 4, "{lines:#?}");
     assert_eq!(answering_pid(&ns, "127.0.0.1:9090"), other.pid);
 }
+
+#[test]
+fn a_switcheroo_acts_in_the_namespace_it_was_built_for_whichever_thread_calls() {
+    if !require_root() {
+        return;
+    }
+    let a = Netns::new();
+    let b = Netns::new();
+    let fd = std::fs::File::open(format!("/run/netns/{}", a.name)).expect("open netns A");
+    // Built on the test's own thread (in the machine's namespace) for namespace A; used
+    // only from threads that sit in namespace B.
+    let sw = Switcheroo::builder("decided", 8080)
+        .netns(fd)
+        .build()
+        .expect("build for A");
+    let (port, report, rules) = b.enter(|| {
+        let (listener, takeover) = sw.begin().expect("begin from B");
+        let port = takeover.port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                // Read the request head first: closing with unread bytes would reset.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && std::io::Read::read(&mut stream, &mut byte).is_ok_and(|n| n == 1)
+                {
+                    head.push(byte[0]);
+                }
+                let body = format!("hello from pid {} port {port}", std::process::id());
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        let report = takeover.commit().expect("commit from B");
+        (port, report, sw.rules().expect("rules from B"))
+    });
+    assert_eq!(report.inserted.len(), 4, "{report:#?}");
+    assert_eq!(rules.len(), 4, "{rules:#?}");
+    assert!(rules.iter().all(|r| r.internal_port == port && r.alive));
+
+    // Everything happened in A: its ruleset holds the rules, its port 8080 answers from
+    // the listener, which is bound in A.
+    let lines = a.rule_lines();
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!("ns=decided:port={port}:")))
+            .count(),
+        4,
+        "{lines:#?}"
+    );
+    assert_eq!(answering_pid(&a, "127.0.0.1:8080"), std::process::id());
+    assert_eq!(
+        answering_pid(&a, &format!("127.0.0.1:{port}")),
+        std::process::id()
+    );
+    // ... and nothing in B: no table, nothing listening.
+    assert_eq!(
+        b.ok(&["nft", "list", "ruleset"]),
+        "",
+        "B's ruleset is untouched"
+    );
+    let refused = b
+        .enter(|| get(addr(&format!("127.0.0.1:{port}")), "/"))
+        .unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // A socket lost after an error is reopened in A too, not in the calling thread's
+    // namespace: cleanup from B, after a failed call from B, still acts on A.
+    let removed = b.enter(|| {
+        let bad = sw.begin(); // fine, but exercises the shared socket again from B
+        drop(bad);
+        sw.cleanup().expect("cleanup from B")
+    });
+    assert_eq!(removed, 4);
+    assert!(a.rule_lines().iter().all(|l| !l.contains("ns=decided:")));
+}

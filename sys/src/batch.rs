@@ -30,6 +30,10 @@ pub enum Op {
     AddOwnedTable(OwnedTable),
     /// Delete the `inet` table of this name that the sending socket owns.
     DeleteOwnedTable(OwnedTable),
+    /// Delete the `nat` table of a family with all its chains and rules (`nft delete table
+    /// ip nat`), the counterpart of [`Op::AddTable`]. Switcheroo never does this to a
+    /// host; tests use it to play an operator who does.
+    DeleteTable(Family),
 }
 
 /// The name of an owned `inet` table: 1 to 255 bytes without NUL (`NFT_NAME_MAXLEN`
@@ -70,7 +74,7 @@ impl Op {
         use crate::error::Context;
         match self {
             Op::AddTable(_) | Op::AddChain(..) | Op::Insert(..) => Context::Write,
-            Op::Delete(..) => Context::Delete,
+            Op::Delete(..) | Op::DeleteTable(_) => Context::Delete,
             Op::AddOwnedTable(_) | Op::DeleteOwnedTable(_) => Context::OwnedTable,
         }
     }
@@ -94,6 +98,7 @@ impl fmt::Display for Op {
             }
             Op::AddOwnedTable(name) => write!(f, "creating owned table inet {name}"),
             Op::DeleteOwnedTable(name) => write!(f, "deleting owned table inet {name}"),
+            Op::DeleteTable(family) => write!(f, "deleting table {family} {TABLE}"),
         }
     }
 }
@@ -197,6 +202,11 @@ impl Batch {
                     table.set_u32(sys::NFTNL_TABLE_FLAGS as u16, NFT_TABLE_F_OWNER);
                     let flags = F_CREATE | F_EXCL | F_ACK;
                     buf.put(MSG_NEWTABLE, NFPROTO_INET, flags, seq, Some(&table));
+                }
+                Op::DeleteTable(family) => {
+                    let mut table = TableObj::new();
+                    table.set_str(sys::NFTNL_TABLE_NAME as u16, &cstring(TABLE));
+                    put(buf, MSG_DELTABLE, *family, F_ACK, seq, &table);
                 }
                 Op::DeleteOwnedTable(name) => {
                     let mut table = TableObj::new();

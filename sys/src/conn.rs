@@ -5,6 +5,7 @@ use crate::attr::{self, nla, Message};
 use crate::error::Context;
 use crate::nftnl::{AlignedBuf, ChainObj};
 use crate::rule::{cstring, rule_in};
+use crate::socket::NetlinkSocket;
 use crate::{parse_rule_message, Batch, Chain, Error, Family, Op, Redirect, RuleEntry, TABLE};
 use nftnl::nftnl_sys as sys;
 use nix::errno::Errno;
@@ -33,17 +34,11 @@ const F_DUMP_INTR: u16 = libc::NLM_F_DUMP_INTR as u16;
 /// measured on a 2-core machine), because nf_tables flushes its destroy work when a
 /// netlink socket is released.
 pub struct Conn {
-    sock: mnl::Socket,
+    sock: NetlinkSocket,
     seq: u32,
     rx: AlignedBuf,
     tx: AlignedBuf,
 }
-
-// SAFETY: a Conn is an fd with libmnl's small struct around it (the fd and the bound
-// address) and two buffers; nothing in it is tied to the thread that opened it, and every
-// use goes through `&mut self`, so moving it to another thread is sound. (The socket stays
-// in the network namespace it was opened in, whichever thread uses it.)
-unsafe impl Send for Conn {}
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,9 +65,9 @@ impl Conn {
     /// Opens and binds a `NETLINK_NETFILTER` socket (`socket(2)`, `bind(2)`).
     pub fn open() -> Result<Self, Error> {
         let op = || "opening a netfilter netlink socket".to_string();
-        let sock = mnl::Socket::new(mnl::Bus::Netfilter)
+        let sock = NetlinkSocket::open_netfilter()
             .map_err(|e| Error::from_errno(op(), io_errno(&e), Context::Nftables))?;
-        crate::pidfd::set_recv_timeout(&sock, RECV_TIMEOUT)
+        crate::pidfd::set_recv_timeout(sock.fd(), RECV_TIMEOUT)
             .map_err(|errno| Error::from_errno(op(), errno, Context::Nftables))?;
         Ok(Conn {
             sock,
@@ -91,14 +86,7 @@ impl Conn {
     /// Linux 5.14+): a number the kernel gives each namespace once and never reuses until
     /// reboot, unlike the inode of its nsfs file. ENOPROTOOPT on older kernels.
     pub fn netns_cookie(&self) -> Result<u64, Errno> {
-        crate::netns::cookie(self.fd())
-    }
-
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        // SAFETY: the mnl socket is open for the lifetime of `self`; get_fd only reads it.
-        let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(self.sock.as_raw_socket()) };
-        // SAFETY: `fd` stays open while `self` is borrowed.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+        crate::netns::cookie(self.sock.fd())
     }
 
     fn next_seq(&mut self, count: u32) -> u32 {
@@ -129,7 +117,7 @@ impl Conn {
         loop {
             let n = self
                 .sock
-                .recv_raw(self.rx.as_bytes_mut())
+                .recv(self.rx.as_bytes_mut())
                 .map_err(|e| Error::from_errno(op(), io_errno(&e), context))?;
             for msg in attr::messages(&self.rx.as_bytes()[..n]) {
                 if let Some(done) = on_msg(msg) {
@@ -370,12 +358,14 @@ impl Conn {
             if let Op::Insert(family, chain, redirect) = op {
                 match replies.echoed[i].take() {
                     Some(rule) if rule.redirect.as_ref() == Some(redirect) => inserted.push(rule),
-                    other => return Err(Error::Protocol {
-                        op: format!("{op} (applied)"),
-                        why: format!(
+                    other => {
+                        return Err(Error::Protocol {
+                            op: format!("{op} (applied)"),
+                            why: format!(
                             "the kernel's echo of the new rule in {family} {chain} was {other:?}"
                         ),
-                    }),
+                        })
+                    }
                 }
             }
         }

@@ -34,10 +34,12 @@ mod batch;
 mod conn;
 mod error;
 mod listen;
+pub mod monitor;
 pub mod netns;
 mod nftnl;
 mod pidfd;
 mod rule;
+mod socket;
 #[cfg(feature = "spawn")]
 pub mod spawn;
 mod table;

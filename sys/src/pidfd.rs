@@ -49,11 +49,10 @@ impl std::os::fd::AsFd for PidFd {
 }
 
 /// `SO_RCVTIMEO` on the netlink socket, so a lost reply becomes EAGAIN instead of a hang.
-pub(crate) fn set_recv_timeout(sock: &mnl::Socket, timeout: Duration) -> Result<(), Errno> {
-    // SAFETY: the mnl socket is open for the lifetime of `sock`; get_fd only reads it.
-    let fd = unsafe { mnl::mnl_sys::mnl_socket_get_fd(sock.as_raw_socket()) };
-    // SAFETY: `fd` stays open while `sock` is borrowed, which outlives this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+pub(crate) fn set_recv_timeout(
+    fd: std::os::fd::BorrowedFd<'_>,
+    timeout: Duration,
+) -> Result<(), Errno> {
     let tv = nix::sys::time::TimeVal::new(
         timeout.as_secs() as libc::time_t,
         timeout.subsec_micros() as libc::suseconds_t,

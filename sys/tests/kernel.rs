@@ -164,3 +164,39 @@ fn the_netns_cookie_tells_namespaces_apart_and_stays_with_the_socket() {
     let not_ns = std::fs::File::open("/proc/self/stat").unwrap();
     assert!(!switcheroo_sys::netns::is_network_namespace(&not_ns).unwrap_or(false));
 }
+
+/// The socket inodes among this process's open file descriptors.
+fn socket_inodes(pid: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .filter(|l| l.starts_with("socket:"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_child_process_does_not_inherit_the_netlink_socket() {
+    // No privilege needed: opening and binding a netfilter socket is allowed to anyone.
+    let before = socket_inodes("self");
+    let conn = Conn::open().unwrap();
+    let ours: Vec<String> = socket_inodes("self")
+        .into_iter()
+        .filter(|s| !before.contains(s))
+        .collect();
+    // (Other tests of this file may open sockets meanwhile: they are Conns too.)
+    assert!(!ours.is_empty());
+    let out = Command::new("sh")
+        .args(["-c", "for f in /proc/$$/fd/*; do readlink $f; done"])
+        .output()
+        .unwrap();
+    let child = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        ours.iter().all(|s| !child.contains(s.as_str())),
+        "inherited: {child}"
+    );
+    drop(conn);
+}
