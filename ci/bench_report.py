@@ -24,6 +24,7 @@ def machine():
 
 def plot():
     series = [("switcheroo commit", "ours_median_us", "#1f77b4"),
+              ("switcheroo commit, record dir", "ours_recorded_median_us", "#9467bd"),
               ("iptables-nft binary, Go sequence", "iptables_median_us", "#d62728"),
               ("nft -f one batch", "nft_median_us", "#2ca02c")]
     w, h, left, bottom, top, right = 640, 400, 70, 50, 20, 20

@@ -119,9 +119,9 @@ impl Records {
         let target = dir.join(key.file_name());
         // Overwritten in place from the start, neither renamed nor truncated (either costs
         // a journal transaction, about 0.4 ms, where the directory is not on a tmpfs): what
-        // follows the `end` line is ignored. Writers hold the namespace's lock; a reader
-        // without it (`begin`) that catches a write half done finds handles that fail the
-        // checks, and dumps.
+        // follows the `end` line is ignored. The writer no longer holds the lock (its
+        // batch released it), so a reader may catch a write half done, old and new lines
+        // mixed: the checksum on the `end` line refuses that, and the reader dumps.
         let created = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -185,12 +185,27 @@ fn format(record: &Record, key: &Key) -> String {
     for (family, chain, handle) in &record.rules {
         text.push_str(&format!("rule {family} {chain} {handle}\n"));
     }
-    text.push_str("end\n");
+    let sum = checksum(&text);
+    text.push_str(&format!("end {sum:016x}\n"));
     text
 }
 
+/// FNV-1a over the lines before `end`: tells a record from a mix of two.
+fn checksum(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn parse(text: &str, key: &Key) -> Option<Record> {
-    let mut lines = text.lines();
+    // Everything up to the `end` line, which must carry the checksum of it.
+    let end = text.find("\nend ")? + 1;
+    let (body, tail) = text.split_at(end);
+    let sum = tail.lines().next()?.strip_prefix("end ")?;
+    if sum != format!("{:016x}", checksum(body)) {
+        return None;
+    }
+    let mut lines = body.lines();
     let mut field = |name: &str| Some(lines.next()?.strip_prefix(name)?.to_owned());
     if !field(MAGIC)?.is_empty() {
         return None;
@@ -204,9 +219,6 @@ fn parse(text: &str, key: &Key) -> Option<Record> {
     let generation = field("generation ")?.parse().ok()?;
     let mut rules = Vec::new();
     for line in lines {
-        if line == "end" {
-            return Some(Record { generation, rules });
-        }
         let mut words = line.strip_prefix("rule ")?.split(' ');
         let family = match words.next()? {
             "ip" => Family::Ipv4,
@@ -220,8 +232,7 @@ fn parse(text: &str, key: &Key) -> Option<Record> {
         }
         rules.push((family, chain, handle));
     }
-    // No `end`: cut short.
-    None
+    Some(Record { generation, rules })
 }
 
 #[cfg(test)]
@@ -246,25 +257,42 @@ mod tests {
             ],
         };
         let text = format(&record, &key(9));
-        assert_eq!(
-            text,
-            "switcheroo-record 2\nboot 0123456789abcdef0123456789abcdef\nnetns 9\nnamespace app\ngeneration 42\nrule ip PREROUTING 5\nrule ip6 OUTPUT 7\nend\n"
+        assert!(
+            text.starts_with("switcheroo-record 2\nboot 0123456789abcdef0123456789abcdef\nnetns 9\nnamespace app\ngeneration 42\nrule ip PREROUTING 5\nrule ip6 OUTPUT 7\nend "),
+            "{text}"
         );
         assert_eq!(parse(&text, &key(9)), Some(record.clone()));
         assert_eq!(parse(&text, &key(10)), None, "another network namespace");
-        assert_eq!(parse(&text[..text.len() - 4], &key(9)), None, "cut short");
-        let longer = format!("{text}rule ip OUTPUT 99\nend\n");
+        assert_eq!(parse(&text[..text.len() - 20], &key(9)), None, "cut short");
+        let longer = format!("{text}rule ip OUTPUT 99\nend 0\n");
         assert_eq!(
             parse(&longer, &key(9)),
-            Some(record),
+            Some(record.clone()),
             "a longer earlier record's tail is ignored"
         );
-        let other = text.replace("rule ip PREROUTING", "rule ip FORWARD");
-        assert_eq!(parse(&other, &key(9)), None);
-        assert_eq!(
-            parse(&text.replace("generation 42", "generation x"), &key(9)),
-            None
+        // A reader that catches a rewrite half done sees the start of the new record and
+        // the rest of the old one: refused.
+        let older = format(
+            &Record {
+                generation: 41,
+                rules: vec![
+                    (Family::Ipv4, Chain::Prerouting, 1),
+                    (Family::Ipv4, Chain::Output, 2),
+                    (Family::Ipv6, Chain::Prerouting, 3),
+                ],
+            },
+            &key(9),
         );
+        let cut = text.find("rule ip6").unwrap();
+        let mixed = format!("{}{}", &text[..cut], &older[cut..]);
+        assert_eq!(parse(&mixed, &key(9)), None, "{mixed}");
+        for (from, to) in [
+            ("rule ip PREROUTING", "rule ip FORWARD"),
+            ("generation 42", "generation x"),
+            ("generation 42", "generation 43"),
+        ] {
+            assert_eq!(parse(&text.replace(from, to), &key(9)), None, "{from}");
+        }
     }
 
     #[test]

@@ -22,10 +22,18 @@ pub(crate) struct Recorded<'a> {
     pub key: &'a Key,
 }
 
+/// The record and what the caller has done since it was written: `own` transactions of
+/// its own, each of which moved the generation by one (taking the commit lock is one).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Since<'a> {
+    pub recorded: Recorded<'a>,
+    pub own: u32,
+}
+
 /// Reads the generation, then dumps every (family, chain), each filtered to its chain in
 /// the kernel, and keeps the switcheroo rules of `namespace` (of every namespace when
 /// `None`). Chains for which `wanted` holds and that dump empty are looked up to learn
-/// whether they exist. With `recorded`, the record of the namespace's last commit is used
+/// whether they exist. With `since`, the record of the namespace's last commit is used
 /// instead of the dumps when it still holds (see [`crate::record`]).
 ///
 /// A dump interrupted by a concurrent change fails with a conflict: the caller retries.
@@ -33,10 +41,10 @@ pub(crate) fn read(
     conn: &mut Conn,
     namespace: Option<&str>,
     wanted: &dyn Fn(Chain) -> bool,
-    recorded: Option<Recorded<'_>>,
+    since: Option<Since<'_>>,
 ) -> Result<Snapshot, Error> {
-    if let Some(recorded) = recorded {
-        if let Some(snap) = from_record(conn, recorded, wanted)? {
+    if let Some(since) = since {
+        if let Some(snap) = from_record(conn, since, wanted)? {
             return Ok(snap);
         }
     }
@@ -62,11 +70,16 @@ pub(crate) fn read(
 }
 
 /// The snapshot from the record of the namespace's last commit, if the ruleset generation
-/// is still the recorded one, every recorded rule is still there and ours, and every
-/// wanted chain holds one of them (so it exists). `None`: dump instead.
+/// is still the recorded one (plus the caller's own transactions since, which came after
+/// the record: the lock it took was released by the recorded commit), every recorded
+/// rule is still there and ours, and every wanted chain holds one of them (so it exists).
+/// `None`: dump instead.
 fn from_record(
     conn: &mut Conn,
-    Recorded { records, key }: Recorded<'_>,
+    Since {
+        recorded: Recorded { records, key },
+        own,
+    }: Since<'_>,
     wanted: &dyn Fn(Chain) -> bool,
 ) -> Result<Option<Snapshot>, Error> {
     let Some(record) = records.load(key) else {
@@ -86,9 +99,9 @@ fn from_record(
         return Ok(None);
     }
     let generation = conn.generation()?;
-    if generation != record.generation {
+    if generation != record.generation.wrapping_add(own) {
         debug!(
-            "namespace {namespace}: the ruleset changed since the last commit (generation {} -> {generation}); dumping",
+            "namespace {namespace}: the ruleset changed since the last commit (generation {} and {own} of ours -> {generation}); dumping",
             record.generation
         );
         return Ok(None);

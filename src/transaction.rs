@@ -3,7 +3,7 @@
 
 use crate::lock::Lock;
 use crate::rule::Rule;
-use crate::snapshot::{self, Recorded, Snapshot};
+use crate::snapshot::{self, Recorded, Since, Snapshot};
 use crate::{Error, Result};
 use log::{debug, warn};
 use std::time::Duration;
@@ -86,7 +86,8 @@ pub(crate) fn read(
     };
     loop {
         attempts.made += 1;
-        match snapshot::read(conn, namespace, &|_| false, recorded) {
+        let since = recorded.map(|recorded| Since { recorded, own: 0 });
+        match snapshot::read(conn, namespace, &|_| false, since) {
             Err(e) if e.is_conflict() => {
                 attempts.after_conflict(namespace.unwrap_or("(all)"), e)?
             }
@@ -151,7 +152,10 @@ impl Transaction<'_> {
         let mut probed = false;
         loop {
             attempts.made += 1;
-            let snap = match snapshot::read(conn, Some(namespace), self.wanted, self.recorded) {
+            // Taking the lock was a transaction of ours (where the kernel has the lock).
+            let own = u32::from(lock.release_op().is_some());
+            let since = self.recorded.map(|recorded| Since { recorded, own });
+            let snap = match snapshot::read(conn, Some(namespace), self.wanted, since) {
                 Ok(snap) => snap,
                 Err(e) if e.is_conflict() => {
                     attempts.after_conflict(namespace, e)?;

@@ -336,51 +336,33 @@ fn a_switch_that_fails_exits_1_and_stops_the_server() {
     let before = ns.rule_lines();
     // Another privileged deployer of namespace `svc` holds the commit lock (its socket
     // owns the lock table) for longer than a commit waits.
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-    let ns = &ns;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            ns.enter(move || {
-                use switcheroo_sys::{Batch, Conn, Op, OwnedTable};
-                let mut conn = Conn::open().unwrap();
-                let mut lock = Batch::new(None);
-                lock.push(Op::AddOwnedTable(
-                    OwnedTable::new("switcheroo-lock-svc").unwrap(),
-                ));
-                conn.apply(&lock).unwrap();
-                held_tx.send(()).unwrap();
-                let _ = release_rx.recv();
-            })
-        });
-        held_rx.recv().unwrap();
-        let (status, output) = run_to_end(
-            ns,
-            &[
-                "--namespace",
-                "svc",
-                "--port",
-                "8080",
-                "--range",
-                "41300-41399",
-                "--ready",
-                "delay:100ms",
-                "--",
-                common::example("hello").to_str().unwrap(),
-            ],
-        );
-        release_tx.send(()).unwrap();
-        assert_eq!(status.code(), Some(1), "{output}");
-        assert!(output.contains("the switch failed"), "{output}");
-        assert!(output.contains("has held the commit lock"), "{output}");
-        assert!(
-            output.contains("the running version keeps serving"),
-            "{output}"
-        );
-        // The server it started was stopped (hello drains and exits 0 on SIGTERM: run
-        // still says 1).
-        assert!(output.contains("exited with status 0"), "{output}");
-    });
+    let lock = ns.hold_lock("svc");
+    let (status, output) = run_to_end(
+        &ns,
+        &[
+            "--namespace",
+            "svc",
+            "--port",
+            "8080",
+            "--range",
+            "41300-41399",
+            "--ready",
+            "delay:100ms",
+            "--",
+            common::example("hello").to_str().unwrap(),
+        ],
+    );
+    drop(lock);
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(output.contains("the switch failed"), "{output}");
+    assert!(output.contains("has held the commit lock"), "{output}");
+    assert!(
+        output.contains("the running version keeps serving"),
+        "{output}"
+    );
+    // The server it started was stopped (hello drains and exits 0 on SIGTERM: run still
+    // says 1).
+    assert!(output.contains("exited with status 0"), "{output}");
     assert_eq!(ns.rule_lines(), before, "nothing was switched");
     let leftovers = ns.pids();
     assert!(leftovers.is_empty(), "left running: {leftovers:?}");

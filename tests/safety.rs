@@ -639,14 +639,20 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
     // Point the record's IPv4 PREROUTING entry at the foreign rule, generation unchanged.
     let foreign = handles(&ns, "ip", "PREROUTING", "dport 7777");
     assert_eq!(foreign.len(), 1);
-    let forged: String = text
+    // Forged well: the checksum on the `end` line (FNV-1a of the lines before it) is
+    // recomputed, so only the check of each recorded handle against the kernel remains.
+    let body: String = text
         .lines()
+        .filter(|l| !l.starts_with("end "))
         .map(|l| match l.starts_with("rule ip PREROUTING ") {
             true => format!("rule ip PREROUTING {}\n", foreign[0]),
             false => format!("{l}\n"),
         })
         .collect();
-    std::fs::write(&path, forged).unwrap();
+    let sum = body.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    std::fs::write(&path, format!("{body}end {sum:016x}\n")).unwrap();
 
     let b = ns.hello(&["--record-dir", dir.as_str()]);
     a.expect_clean_exit("A, replaced despite the forged record");
@@ -760,24 +766,8 @@ fn two_privileged_deployers_take_turns_on_the_lock() {
     let first = ns.hello(&[]);
     let before = ns.rule_lines();
     // Another privileged deployer holds the namespace's lock: its socket owns the table.
-    let (holder_tx, holder_rx) = std::sync::mpsc::channel::<()>();
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-    let ns = &ns;
+    let lock = ns.hold_lock("hello");
     std::thread::scope(|s| {
-        s.spawn(move || {
-            ns.enter(move || {
-                let mut conn = Conn::open().unwrap();
-                let mut lock = Batch::new(None);
-                lock.push(switcheroo_sys::Op::AddOwnedTable(
-                    switcheroo_sys::OwnedTable::new("switcheroo-lock-hello").unwrap(),
-                ));
-                conn.apply(&lock).unwrap();
-                held_tx.send(()).unwrap();
-                let _ = holder_rx.recv();
-                // Dropping the socket releases the lock, as a holder's exit would.
-            })
-        });
-        held_rx.recv().unwrap();
         let second = s.spawn(|| ns.hello(&[]));
         std::thread::sleep(Duration::from_millis(800));
         assert_eq!(
@@ -786,11 +776,11 @@ fn two_privileged_deployers_take_turns_on_the_lock() {
             "nothing switched while the lock was held"
         );
         assert!(alive(first.pid));
-        holder_tx.send(()).unwrap();
+        drop(lock);
         let mut second = second.join().unwrap();
         let (wait, _) = switch_figures(&mut second);
         assert!(wait > 0, "the second deployer waited for the first");
-        let rules = ours(ns);
+        let rules = ours(&ns);
         assert_eq!(rules.len(), 4, "{rules:?}");
         assert!(rules
             .iter()

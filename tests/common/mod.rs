@@ -198,6 +198,22 @@ impl Netns {
         peer
     }
 
+    /// Takes the commit lock of service `namespace` in this network namespace, as another
+    /// privileged deployer in the middle of its commit would: the returned socket owns the
+    /// lock table; dropping it releases the lock, as the holder's exit would.
+    pub fn hold_lock(&self, namespace: &str) -> switcheroo_sys::Conn {
+        use switcheroo_sys::{Batch, Conn, Op, OwnedTable};
+        self.enter(|| {
+            let mut conn = Conn::open().expect("netlink socket");
+            let mut lock = Batch::new(None);
+            lock.push(Op::AddOwnedTable(
+                OwnedTable::new(format!("switcheroo-lock-{namespace}")).unwrap(),
+            ));
+            conn.apply(&lock).expect("take the lock");
+            conn
+        })
+    }
+
     /// The pids of the processes in the namespace.
     pub fn pids(&self) -> Vec<i32> {
         Command::new("ip")
