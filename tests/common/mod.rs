@@ -607,17 +607,11 @@ pub fn pid_of(body: &str) -> u32 {
 }
 
 /// Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), which the rule
-/// comment carries. Field 2 is `(comm)` and may hold spaces and parentheses, so the
-/// fields are counted from after the last `)`: field 3 is the first one there.
+/// comment carries, read with the library's own parser.
 pub fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-    let after_comm = &stat[stat.rfind(')').expect("(comm) in stat") + 1..];
-    after_comm
-        .split_whitespace()
-        .nth(22 - 3)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or_else(|| panic!("no field 22 in {stat:?}"))
+    switcheroo::process::Stat::of(pid)
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"))
+        .start_time
 }
 
 /// The line `iptables-nft-save` prints for the rule of `hello` in `chain`.
