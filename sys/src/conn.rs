@@ -441,7 +441,7 @@ impl Conn {
         chain: Chain,
         redirect: &Redirect,
     ) -> Result<(), Error> {
-        for ext in crate::xt::extensions() {
+        for ext in crate::xt::extensions(redirect.probability.is_some()) {
             self.probe_extension(family, ext)?;
         }
         let probe_chain = format!("switcheroo-probe-{}", self.seq);

@@ -4,8 +4,9 @@
 //!
 //! Expressions, in iptables-nft's order: `meta l4proto` + `cmp` (for `-p tcp`), `payload`
 //! (transport header, offset 2, 2 bytes) + `cmp` (for `--dport`), xt `match addrtype` rev 1,
-//! xt `match comment` rev 0, `counter`, xt `target REDIRECT` rev 0; plus the rule's compat
-//! attribute (proto tcp). A native `redir` expression or a comment kept in the rule's udata
+//! for a canary xt `match statistic` rev 0 (`--mode random --probability P`), xt `match
+//! comment` rev 0, `counter`, xt `target REDIRECT` rev 0; plus the rule's compat attribute
+//! (proto tcp). A native `redir` expression or a comment kept in the rule's udata
 //! would make iptables-nft 1.8 call the whole table incompatible, so neither is ever emitted.
 
 use crate::attr::{self, nla, Attrs};
@@ -32,7 +33,14 @@ pub struct Redirect {
     /// Whether the rule also matches `-m addrtype --dst-type LOCAL`. Every rule this crate
     /// builds does; rules written by older tools may not.
     pub local_only: bool,
+    /// For a rule that takes only a share of new connections, `-m statistic --mode random
+    /// --probability P` with P stored as iptables stores it: `P * 2^31`, rounded (see
+    /// [`Redirect::share`]). `None`: every connection.
+    pub probability: Option<u32>,
 }
+
+/// 2^31: iptables' scale for `--probability` (a u32 compared against a random 31 bits).
+const PROBABILITY_ONE: f64 = 2_147_483_648.0;
 
 impl Redirect {
     /// A redirect of local TCP traffic to `public_port` towards `to_port`.
@@ -64,7 +72,28 @@ impl Redirect {
             to_port,
             comment: comment.to_owned(),
             local_only: true,
+            probability: None,
         })
+    }
+
+    /// The same redirect for only a share of new connections, `percent` of them (1-99),
+    /// with the `--probability` that iptables would store for `percent / 100`.
+    /// [`Error::InvalidRule`] outside 1-99.
+    pub fn with_percent(mut self, percent: u8) -> Result<Self, Error> {
+        if !(1..=99).contains(&percent) {
+            return Err(Error::InvalidRule {
+                why: format!("a share of {percent}% of connections: give 1 to 99"),
+            });
+        }
+        self.probability = Some((PROBABILITY_ONE * f64::from(percent) / 100.0).round() as u32);
+        Ok(self)
+    }
+
+    /// The share of new connections the rule takes, 0.0-1.0 (1.0 without a statistic
+    /// match).
+    pub fn share(&self) -> f64 {
+        self.probability
+            .map_or(1.0, |p| f64::from(p) / PROBABILITY_ONE)
     }
 
     /// The libnftnl rule object for this redirect in `family`'s nat `chain`.
@@ -106,6 +135,14 @@ impl Redirect {
                 c"addrtype",
                 xt::ADDRTYPE_REV,
                 &xt::addrtype_dst_local(),
+            ));
+        }
+        if let Some(probability) = self.probability {
+            rule.add_expr(xt_expr(
+                c"match",
+                c"statistic",
+                xt::STATISTIC_REV,
+                &xt::statistic_random(probability),
             ));
         }
         rule.add_expr(xt_expr(
@@ -270,15 +307,23 @@ fn parse_redirect(family: Family, list: &[u8]) -> Option<Redirect> {
     let public_port = u16::from_be_bytes(port);
 
     let mut local_only = false;
+    let mut probability = None;
     let mut comment = None;
     while let Some((name, data)) = it.peek() {
         if *name != "match" {
             break;
         }
         match xt_parts(data)? {
-            ("addrtype", xt::ADDRTYPE_REV, info) if !local_only && comment.is_none() => {
+            ("addrtype", xt::ADDRTYPE_REV, info)
+                if !local_only && probability.is_none() && comment.is_none() =>
+            {
                 xt::is_addrtype_dst_local(info).then_some(())?;
                 local_only = true;
+            }
+            ("statistic", xt::STATISTIC_REV, info)
+                if probability.is_none() && comment.is_none() =>
+            {
+                probability = Some(xt::parse_statistic_random(info)?);
             }
             ("comment", xt::COMMENT_REV, info) if comment.is_none() => {
                 comment = Some(xt::parse_comment(info)?.to_owned());
@@ -303,5 +348,6 @@ fn parse_redirect(family: Family, list: &[u8]) -> Option<Redirect> {
         to_port,
         comment: comment?,
         local_only,
+        probability,
     })
 }

@@ -27,9 +27,10 @@ impl Extension {
     }
 }
 
-/// The extensions of the redirect rule, in rule order.
-pub(crate) fn extensions() -> [Extension; 3] {
-    [
+/// The extensions of a redirect rule, in rule order; the statistic match only for a rule
+/// that takes a share of connections.
+pub(crate) fn extensions(statistic: bool) -> Vec<Extension> {
+    let mut all = vec![
         Extension {
             name: c"addrtype",
             rev: ADDRTYPE_REV,
@@ -48,7 +49,19 @@ pub(crate) fn extensions() -> [Extension; 3] {
             target: true,
             module: "xt_REDIRECT",
         },
-    ]
+    ];
+    if statistic {
+        all.insert(
+            1,
+            Extension {
+                name: c"statistic",
+                rev: STATISTIC_REV,
+                target: false,
+                module: "xt_statistic",
+            },
+        );
+    }
+    all
 }
 
 /// The attributes of an `NFNL_MSG_COMPAT_GET` request (`linux/netfilter/nf_tables_compat.h`:
@@ -98,6 +111,35 @@ pub(crate) fn addrtype_dst_local() -> [u8; ADDRTYPE_LEN] {
 
 pub(crate) fn is_addrtype_dst_local(info: &[u8]) -> bool {
     info.len() == ADDRTYPE_LEN && info == addrtype_dst_local()
+}
+
+/// `struct xt_statistic_info { __u16 mode, flags; union { struct { __u32 probability; }
+/// random; struct { __u32 every, packet, count; } nth; } u; struct xt_statistic_priv
+/// *master __aligned(8); }`, revision 0: 24 bytes.
+pub(crate) const STATISTIC_REV: u32 = 0;
+pub(crate) const STATISTIC_LEN: usize = 24;
+
+/// `--mode random --probability P`, with P given as iptables stores it: `P * 2^31`,
+/// rounded. iptables-nft 1.8.9 also writes the value into `u.nth.count` (its final check
+/// sets `count = every - packet` whatever the mode, and `every` shares the union's first
+/// word with `probability`), so the same is done here: the golden capture has it.
+pub(crate) fn statistic_random(probability: u32) -> [u8; STATISTIC_LEN] {
+    let mut info = [0u8; STATISTIC_LEN];
+    // mode XT_STATISTIC_MODE_RANDOM (0), flags 0 (no --invert).
+    info[4..8].copy_from_slice(&probability.to_ne_bytes());
+    info[12..16].copy_from_slice(&probability.to_ne_bytes());
+    info
+}
+
+/// The probability of a `--mode random` statistic payload without inversion, as written
+/// by [`statistic_random`] (and by iptables-nft).
+pub(crate) fn parse_statistic_random(info: &[u8]) -> Option<u32> {
+    if info.len() != STATISTIC_LEN || info[0..4] != [0; 4] || info[8..12] != [0; 4] {
+        return None;
+    }
+    let probability = u32::from_ne_bytes(info[4..8].try_into().ok()?);
+    (info[12..16] == probability.to_ne_bytes() && info[16..].iter().all(|&b| b == 0))
+        .then_some(probability)
 }
 
 /// `struct xt_comment_info { char comment[XT_MAX_COMMENT_LEN]; }`, revision 0.
@@ -210,6 +252,15 @@ mod tests {
             parse_redirect(Family::Ipv4, &redirect(Family::Ipv6, 80)),
             None
         );
+    }
+
+    #[test]
+    fn statistic_round_trips() {
+        let info = statistic_random(429_496_730);
+        assert_eq!(parse_statistic_random(&info), Some(429_496_730));
+        let mut inverted = info;
+        inverted[2] = 1;
+        assert_eq!(parse_statistic_random(&inverted), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!     iptables-nft  -t nat -I OUTPUT     -p tcp -m tcp --dport 8080 -m addrtype --dst-type LOCAL -m comment --comment "SWITCHEROO:ns=app:port=40400:pid=1234:start=98765" -j REDIRECT --to-ports 40400
 //!     ip6tables-nft -t nat -I PREROUTING (same arguments)
 //!
-//! in a fresh network namespace, so each starts by creating the table and the chain.
+//! in a fresh network namespace, so each starts by creating the table and the chain; and
+//! the same with `-m statistic --mode random --probability 0.2` (IPv4 OUTPUT) and `0.1`
+//! (IPv6 PREROUTING) after the addrtype match, as a canary's rule is written.
 //! Our batch must carry the same messages byte for byte; only the netlink header flags
 //! differ, because we ask for acks and for the echo of the new rule.
 
@@ -39,10 +41,20 @@ fn split(bytes: &[u8]) -> Vec<Msg> {
 /// `genid` is the generation iptables-nft read in its namespace (the IPv6 capture was taken
 /// after the IPv4 one, in the same namespace).
 fn check(golden: &[u8], genid: u32, family: Family, chain: Chain) {
+    check_rule(
+        golden,
+        genid,
+        family,
+        chain,
+        Redirect::new(8080, 40400, COMMENT).unwrap(),
+    );
+}
+
+fn check_rule(golden: &[u8], genid: u32, family: Family, chain: Chain, rule: Redirect) {
     let mut batch = Batch::new(Some(genid));
     batch.push(Op::AddTable(family));
     batch.push(Op::AddChain(family, chain));
-    batch.insert_rule(family, chain, Redirect::new(8080, 40400, COMMENT).unwrap());
+    batch.insert_rule(family, chain, rule);
     let ours = split(&batch.to_bytes(1));
     let theirs = split(golden);
     assert_eq!(ours.len(), theirs.len());
@@ -87,4 +99,54 @@ fn ipv6_prerouting_batch_matches_ip6tables_nft() {
         Family::Ipv6,
         Chain::Prerouting,
     );
+}
+
+#[test]
+fn ipv4_canary_batch_matches_iptables_nft_statistic() {
+    let rule = Redirect::new(8080, 40400, COMMENT)
+        .unwrap()
+        .with_percent(20)
+        .unwrap();
+    check_rule(
+        include_bytes!("golden/iptables-nft-ip-output-statistic.batch"),
+        1,
+        Family::Ipv4,
+        Chain::Output,
+        rule,
+    );
+}
+
+#[test]
+fn ipv6_canary_batch_matches_ip6tables_nft_statistic() {
+    let rule = Redirect::new(8080, 40400, COMMENT)
+        .unwrap()
+        .with_percent(10)
+        .unwrap();
+    check_rule(
+        include_bytes!("golden/ip6tables-nft-ip6-prerouting-statistic.batch"),
+        1,
+        Family::Ipv6,
+        Chain::Prerouting,
+        rule,
+    );
+}
+
+#[test]
+fn the_captured_canary_rule_parses_back_with_its_share() {
+    // The rule message of the capture, as the kernel would echo it (without the compat
+    // attribute, which the kernel does not keep, the parser ignores it anyway).
+    let golden = include_bytes!("golden/iptables-nft-ip-output-statistic.batch");
+    let rule = split(golden)
+        .into_iter()
+        .find(|m| m.kind == (libc::NFNL_SUBSYS_NFTABLES as u16) << 8 | libc::NFT_MSG_NEWRULE as u16)
+        .unwrap();
+    let mut body = rule.body.clone();
+    // A dump carries the handle: append NFTA_RULE_HANDLE (3), big endian.
+    body.extend_from_slice(&[12, 0, 3, 0]);
+    body.extend_from_slice(&7u64.to_be_bytes());
+    let entry = switcheroo_sys::parse_rule_message(&body).expect("parses");
+    let redirect = entry.redirect.expect("a redirect of ours");
+    assert_eq!(redirect.probability, Some(429_496_730));
+    assert!((redirect.share() - 0.2).abs() < 1e-9);
+    assert_eq!(redirect.comment, COMMENT);
 }

@@ -28,8 +28,19 @@ fn chain() -> impl Strategy<Value = Chain> {
 }
 
 fn redirect() -> impl Strategy<Value = Redirect> {
-    (1u16.., 1u16.., "[ !#-\\[\\]-~]{0,255}")
-        .prop_map(|(p, q, c)| Redirect::new(p, q, &c).expect("valid by construction"))
+    (
+        1u16..,
+        1u16..,
+        "[ !#-\\[\\]-~]{0,255}",
+        proptest::option::of(1u8..=99),
+    )
+        .prop_map(|(p, q, c, percent)| {
+            let r = Redirect::new(p, q, &c).expect("valid by construction");
+            match percent {
+                Some(percent) => r.with_percent(percent).expect("1-99"),
+                None => r,
+            }
+        })
 }
 
 proptest! {
