@@ -1,7 +1,8 @@
 //! `hello`: a small HTTP/1.1 server that deploys with switcheroo, std only.
 //!
 //! ```text
-//! hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--hold-ms N] [--no-drain]
+//! hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR]
+//!       [--probation DURATION] [--canary PERCENT] [--hold-ms N] [--no-drain]
 //! ```
 //!
 //! Defaults: namespace `hello`, public port 8080, internal ports 40400-40499, both routes,
@@ -10,11 +11,20 @@
 //! `GET /sleep?ms=N` answers the same after N ms. Once its commit is done it prints
 //! `ready pid=<pid> port=<port>` on stdout.
 //!
-//! Start a second one and the first gets SIGTERM: it keeps accepting until its accept
-//! queue has been idle for a while ([`switcheroo::Drain`]), then stops accepting, answers
-//! every request that has started to arrive (the next response on a keep-alive connection
+//! Start a second one and the first gets SIGTERM (and sees its rules go): it prints
+//! `retiring (<why>): draining port <port>`, keeps accepting until its accept queue has
+//! been idle for a while ([`switcheroo::Drain`]), then stops accepting, answers every
+//! request that has started to arrive (the next response on a keep-alive connection
 //! carries `Connection: close`), closes keep-alive connections that stay idle, and exits 0.
 //! On error it prints `error: <message>` on stderr and exits 1.
+//!
+//! With `--probation 4s` the previous instance stays warm below the new one for 4 s (it
+//! prints `place below pid=<new>`), takes over again if the new one dies meanwhile
+//! (`place active after=<pid>`), and retires when the probation passes. With
+//! `--canary 10` the new instance takes 10% of new connections above the active
+//! (`switcheroo promote` / `rollback` decide its fate; `--probation` then applies from its
+//! promotion). Stopped by SIGTERM while it serves, an instance first removes its own rules,
+//! so that an instance below takes new connections at once.
 //!
 //! Run by `switcheroo run` (socket activation: `LISTEN_FDS`/`LISTEN_PID` name it), it
 //! serves the socket on fd 3 instead, switches nothing itself, sends `READY=1` to
@@ -29,9 +39,9 @@ use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use switcheroo::{Drain, Shutdown, Switcheroo};
+use switcheroo::{Change, Drain, Shutdown, Switcheroo, Tenure, Wake};
 
-const USAGE: &str = "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--hold-ms N] [--no-drain]";
+const USAGE: &str = "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--probation DURATION] [--canary PERCENT] [--hold-ms N] [--no-drain]";
 
 /// How long a keep-alive connection with no request in progress stays open after shutdown
 /// began. A client that sends its next request within this window still gets an answer
@@ -47,6 +57,8 @@ struct Args {
     port: u16,
     range: Option<(u16, u16)>,
     record_dir: Option<String>,
+    probation: Option<Duration>,
+    canary: Option<u8>,
     hold: Option<Duration>,
     drain: bool,
 }
@@ -59,6 +71,8 @@ fn parse_args() -> Result<Args, String> {
         port: 8080,
         range: None,
         record_dir: None,
+        probation: None,
+        canary: None,
         hold: None,
         drain: true,
     };
@@ -85,6 +99,18 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--namespace" => args.namespace = value.clone(),
             "--record-dir" => args.record_dir = Some(value.clone()),
+            "--probation" => {
+                args.probation = Some(
+                    switcheroo::parse_duration(&value).map_err(|e| format!("--probation: {e}"))?,
+                )
+            }
+            "--canary" => {
+                args.canary = Some(
+                    value
+                        .parse()
+                        .map_err(|e| format!("--canary {value:?}: {e}"))?,
+                )
+            }
             "--port" => args.port = port(&value)?,
             "--range" => {
                 let (min, max) = value
@@ -140,8 +166,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if let Some(dir) = &args.record_dir {
                 builder = builder.record_dir(dir);
             }
-            let (listener, takeover) = builder.build()?.begin()?;
-            (listener, Some(takeover))
+            let sw = builder.build()?;
+            let (listener, takeover) = sw.begin()?;
+            (listener, Some((sw, takeover)))
         }
     };
     let port = listener.local_addr()?.port();
@@ -161,33 +188,46 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("bound port={port}; holding {hold:?} before commit");
         std::thread::sleep(hold);
     }
-    match takeover {
-        Some(takeover) => {
+    let mut tenure = match takeover {
+        Some((sw, mut takeover)) => {
+            if let Some(probation) = args.probation {
+                takeover = takeover.probation(probation);
+            }
+            if let Some(percent) = args.canary {
+                takeover = takeover.canary(percent);
+            }
             let report = takeover.commit()?;
             eprintln!(
-                "switched port={} in={}us attempts={} lock_wait={}us removed={} signalled={:?}",
+                "switched port={} in={}us attempts={} lock_wait={}us role={} kept={:?} removed={} signalled={:?}",
                 report.port,
                 report.elapsed.as_micros(),
                 report.attempts,
                 report.lock_wait.as_micros(),
+                report.role,
+                report.kept.iter().filter_map(|r| r.pid).collect::<std::collections::BTreeSet<_>>(),
                 report.removed.len(),
                 report.signalled
             );
+            Some(Tenure::new(&sw, &report)?)
         }
         None => {
             let notified = switcheroo::activation::notify("READY=1")?;
             eprintln!("activated port={port} notified={notified}");
+            None
         }
-    }
+    };
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "ready pid={pid} port={port}")?;
     stdout.flush()?;
     drop(stdout);
 
-    let signal = shutdown.wait();
+    let why = match tenure.as_mut() {
+        None => format!("signal {}", shutdown.wait()),
+        Some(tenure) => serve_in_place(tenure, &shutdown)?,
+    };
     state.shutting_down.store(true, Ordering::SeqCst);
     // Printed once the flag is set: from here on every response says `Connection: close`.
-    eprintln!("signal {signal}: draining port {port}");
+    eprintln!("retiring ({why}): draining port {port}");
     if args.drain {
         // The acceptor goes on accepting meanwhile: connections the old rule mapped here
         // just before the switch are still arriving.
@@ -221,6 +261,47 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{} connections still open after {FINISH_TIMEOUT:?}", *open).into());
     }
     Ok(())
+}
+
+/// Serves (the acceptor runs) while following this instance's place in the chain, until it
+/// must retire; returns why.
+fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Result<String> {
+    loop {
+        match tenure.wait(shutdown)? {
+            Wake::Signal(signal) => {
+                // Stopped by an operator while in the chain: leave it first, so that an
+                // instance below takes new connections at once. (Replaced or rolled back,
+                // the rules are gone already and this does nothing.)
+                let left = tenure.resign()?;
+                return Ok(if left > 0 {
+                    format!("signal {signal}, left the chain")
+                } else {
+                    format!("signal {signal}")
+                });
+            }
+            Wake::Change(Change::Removed {
+                rolled_back,
+                serving,
+            }) => {
+                let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
+                return Ok(if rolled_back {
+                    format!("rolled back, {serving} serves")
+                } else {
+                    format!("replaced, {serving} serves")
+                });
+            }
+            Wake::Change(Change::Active { after }) => {
+                eprintln!("place active after={}", after.unwrap_or(0))
+            }
+            Wake::Change(Change::Below { role, above }) => {
+                eprintln!("place below pid={above} role={role}")
+            }
+            Wake::Change(Change::Promoted) => eprintln!("place promoted"),
+            Wake::Change(Change::ProbationPassed { retired }) => {
+                eprintln!("probation passed retired={retired:?}")
+            }
+        }
+    }
 }
 
 /// Makes one connection to our own internal port, so that the acceptor, blocked in

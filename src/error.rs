@@ -82,6 +82,40 @@ pub enum Error {
         /// How long this call waited.
         waited: std::time::Duration,
     },
+    /// A duration that does not parse (see [`parse_duration`](crate::parse_duration)).
+    #[error("invalid duration {text:?}: {why}")]
+    InvalidDuration {
+        /// The text as given.
+        text: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A canary share outside 1-99 percent.
+    #[error("invalid canary share {percent}%: give 1 to 99 (the percent of new connections the new instance takes)")]
+    InvalidCanary {
+        /// The share as given.
+        percent: u8,
+    },
+    /// A canary deploy found no live active instance to share the port with.
+    #[error("namespace {namespace:?} has no live active instance for a canary to share new connections with; deploy without --canary first")]
+    CanaryWithoutActive {
+        /// The namespace.
+        namespace: String,
+    },
+    /// A rollback found nothing to go back to; nothing was changed.
+    #[error("nothing to roll back to in namespace {namespace:?}: {why}")]
+    NothingToRollBack {
+        /// The namespace.
+        namespace: String,
+        /// What the namespace's rules are.
+        why: String,
+    },
+    /// A promotion found no live canary; nothing was changed.
+    #[error("namespace {namespace:?} has no live canary to promote")]
+    NoCanary {
+        /// The namespace.
+        namespace: String,
+    },
     /// The file given to [`Builder::netns`](crate::Builder::netns) is not a network
     /// namespace.
     #[error(

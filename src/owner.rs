@@ -3,12 +3,19 @@
 
 use crate::comment::Identity;
 use crate::process::Stat;
+use crate::rule::Rule;
+use log::{info, warn};
 use nix::errno::Errno;
 use switcheroo_sys::PidFd;
 
-/// The start time of `pid` (field 22 of `/proc/<pid>/stat`), if it runs.
+/// The start time of `pid` (field 22 of `/proc/<pid>/stat`), if it runs: a process that
+/// has exited but is not reaped yet (a zombie, e.g. under a PID 1 that does not reap) does
+/// not run.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
-    Stat::of(pid).ok().map(|s| s.start_time)
+    Stat::of(pid)
+        .ok()
+        .filter(Stat::running)
+        .map(|s| s.start_time)
 }
 
 /// This process, as its rules name it.
@@ -86,6 +93,33 @@ pub(crate) fn terminate(id: &Identity) -> Termination {
 
 fn libc_sigterm() -> i32 {
     nix::sys::signal::Signal::SIGTERM as i32
+}
+
+/// SIGTERMs the distinct owners of `removed`, each after its identity check.
+pub(crate) fn terminate_owners(removed: &[Rule]) -> Vec<u32> {
+    let mut owners: Vec<Identity> = removed.iter().filter_map(Rule::identity).collect();
+    owners.sort_by_key(|id| (id.pid, id.start));
+    owners.dedup_by_key(|id| (id.pid, id.start));
+    let mut signalled = Vec::new();
+    for id in owners {
+        match terminate(&id) {
+            Termination::Signalled => {
+                info!("sent SIGTERM to pid {} (port {})", id.pid, id.port);
+                signalled.push(id.pid);
+            }
+            Termination::Gone | Termination::Myself => {}
+            Termination::Reused => warn!(
+                "pid {} of a removed rule now belongs to another process; not signalled",
+                id.pid
+            ),
+            Termination::Unverifiable => warn!(
+                "rule for port {} names pid {} without a start time (an older switcheroo); its owner cannot be verified and was not signalled",
+                id.port, id.pid
+            ),
+            Termination::Failed(e) => warn!("could not signal pid {}: {e} (CAP_KILL is needed for another user's process)", id.pid),
+        }
+    }
+    signalled
 }
 
 #[cfg(test)]

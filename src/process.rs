@@ -12,6 +12,9 @@ use std::io;
 pub struct Stat {
     /// The process id (field 1).
     pub pid: u32,
+    /// The state (field 3): `R` running, `S` sleeping, ..., `Z` zombie (exited, not yet
+    /// reaped by its parent), `X` dead.
+    pub state: char,
     /// The parent's process id (field 4; 0 for a process whose parent is in another pid
     /// namespace).
     pub parent: u32,
@@ -43,13 +46,21 @@ impl Stat {
         let pid = head.split_once(" (")?.0.trim().parse().ok()?;
         // Fields 3.. follow the command: field N is the (N - 3)th of them.
         let mut fields = rest.split_ascii_whitespace();
-        let parent = fields.nth(4 - 3)?.parse().ok()?;
+        let state = fields.next()?.chars().next()?;
+        let parent = fields.next()?.parse().ok()?;
         let start_time = fields.nth(22 - 4 - 1)?.parse().ok()?;
         Some(Stat {
             pid,
+            state,
             parent,
             start_time,
         })
+    }
+
+    /// Whether the process still runs: it has not exited, even if its parent has not
+    /// reaped it yet (a zombie keeps its pid and start time until then).
+    pub fn running(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X' | 'x')
     }
 }
 
@@ -60,6 +71,7 @@ mod tests {
     #[test]
     fn fields_survive_odd_command_names() {
         let mut fields: Vec<String> = (3..=52).map(|i| i.to_string()).collect();
+        fields[3 - 3] = "Z".into();
         fields[4 - 3] = "77".into();
         fields[22 - 3] = "98765".into();
         let line = format!("1234 (a) b (c) {}", fields.join(" "));
@@ -67,10 +79,12 @@ mod tests {
             Stat::parse(&line),
             Some(Stat {
                 pid: 1234,
+                state: 'Z',
                 parent: 77,
                 start_time: 98765
             })
         );
+        assert!(!Stat::parse(&line).unwrap().running());
         assert_eq!(Stat::parse("1234 (a"), None);
         assert_eq!(Stat::parse(""), None);
     }
@@ -79,6 +93,7 @@ mod tests {
     fn this_process_is_read() {
         let me = Stat::this_process().unwrap();
         assert_eq!(me.pid, std::process::id());
+        assert!(me.running());
         assert_eq!(me.parent, nix::unistd::getppid().as_raw() as u32);
         assert!(me.start_time > 0);
     }

@@ -4,10 +4,11 @@
 
 use crate::comment::Identity;
 use crate::owner;
+use crate::role::Role;
 use switcheroo_sys::{Chain, Family, Handle, RuleEntry};
 
 /// One switcheroo rule of a namespace, as found in the kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// The namespace from the rule's comment.
     pub namespace: String,
@@ -28,6 +29,12 @@ pub struct Rule {
     pub start: Option<u64>,
     /// Whether that process is still running (same pid and, when recorded, same start time).
     pub alive: bool,
+    /// The rule's place among its namespace's rules in its chain (see [`Role`]); a rule
+    /// whose owner is dead keeps its place (`status` shows it as dead).
+    pub role: Role,
+    /// For a rule with a statistic match (a canary): the share of new connections it
+    /// takes, in percent.
+    pub weight: Option<f64>,
 }
 
 impl Rule {
@@ -39,8 +46,13 @@ impl Rule {
         if namespace.is_some_and(|ns| ns != id.namespace) {
             return None;
         }
+        let weight = redirect
+            .probability
+            .map(|_| (redirect.share() * 10_000.0).round() / 100.0);
         Some(Rule {
             alive: owner::is_alive(&id),
+            role: Role::Active, // until `role::assign` sees the whole chain
+            weight,
             namespace: id.namespace,
             family: entry.family,
             chain: entry.chain,
@@ -65,5 +77,19 @@ impl Rule {
     /// Where the rule is: enough to delete it.
     pub(crate) fn place(&self) -> (Family, Chain, Handle) {
         (self.family, self.chain, self.handle)
+    }
+
+    /// Whether the rule was written by the process `id` names.
+    pub(crate) fn owned_by(&self, id: &Identity) -> bool {
+        self.pid == Some(id.pid) && self.start == id.start && self.internal_port == id.port
+    }
+
+    /// The role as `status` shows it: `dead` for a dead owner, `canary 10%` for a canary.
+    pub fn role_name(&self) -> String {
+        match (self.alive, self.role, self.weight) {
+            (false, ..) => "dead".to_owned(),
+            (true, Role::Canary, Some(w)) => format!("canary {w}%"),
+            (true, role, _) => role.to_string(),
+        }
     }
 }

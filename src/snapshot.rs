@@ -1,6 +1,7 @@
 //! A namespace's rules as the kernel holds them, read in one go.
 
 use crate::record::{Key, Record, Records};
+use crate::role;
 use crate::rule::Rule;
 use log::debug;
 use switcheroo_sys::{Chain, Conn, Error, Family};
@@ -59,11 +60,12 @@ pub(crate) fn read(
             if entries.is_empty() && wanted(chain) && !conn.chain_exists(family, chain)? {
                 snap.missing.push((family, chain));
             }
-            snap.ours.extend(
-                entries
-                    .into_iter()
-                    .filter_map(|entry| Rule::from_entry(entry, namespace)),
-            );
+            let mut rules: Vec<Rule> = entries
+                .into_iter()
+                .filter_map(|entry| Rule::from_entry(entry, namespace))
+                .collect();
+            role::assign(&mut rules);
+            snap.ours.extend(rules);
         }
     }
     Ok(snap)
@@ -116,6 +118,21 @@ fn from_record(
             None => {
                 debug!("namespace {namespace}: recorded rule {family} {chain} {handle} is not ours; dumping");
                 return Ok(None);
+            }
+        }
+    }
+    for family in Family::ALL {
+        for chain in Chain::ALL {
+            let start = ours
+                .iter()
+                .position(|r| (r.family, r.chain) == (family, chain));
+            if let Some(start) = start {
+                let end = start
+                    + ours[start..]
+                        .iter()
+                        .take_while(|r| (r.family, r.chain) == (family, chain))
+                        .count();
+                role::assign(&mut ours[start..end]);
             }
         }
     }

@@ -279,6 +279,11 @@ impl Switcheroo {
         result
     }
 
+    /// Runs `f` in the service's network namespace (to create a socket there).
+    pub(crate) fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        self.netns.run(f)
+    }
+
     pub(crate) fn transaction<'a>(
         &'a self,
         recorded: Option<Recorded<'a>>,

@@ -2,10 +2,12 @@
 //! every older rule of the namespace, then the termination of their owners.
 
 use crate::comment::Identity;
-use crate::owner::{self, Termination};
+use crate::history::{self, Deploy};
+use crate::owner::{self, terminate_owners};
+use crate::role::Role;
 use crate::rule::Rule;
-use crate::{Result, Switcheroo};
-use log::{info, warn};
+use crate::{Error, Result, Switcheroo};
+use log::info;
 use std::time::{Duration, Instant};
 use switcheroo_sys::{Chain, Family, Op, Redirect};
 
@@ -15,6 +17,8 @@ use switcheroo_sys::{Chain, Family, Op, Redirect};
 pub struct Takeover {
     sw: Switcheroo,
     port: u16,
+    probation: Option<Duration>,
+    canary: Option<u8>,
 }
 
 /// What [`Takeover::commit`] did.
@@ -36,13 +40,46 @@ pub struct Report {
     /// How long the commit waited for another instance of the namespace to finish its own
     /// (zero when the lock was free).
     pub lock_wait: Duration,
+    /// The role the new rules took: [`Role::Active`], or [`Role::Canary`] for a canary.
+    pub role: Role,
+    /// The rules kept below the new ones: with a probation, the previous active (now the
+    /// standby); for a canary, the active and the standby.
+    pub kept: Vec<Rule>,
+    /// The probation asked for with [`Takeover::probation`].
+    pub probation: Option<Duration>,
     /// Time from the call to the applied transaction (before signalling).
     pub elapsed: Duration,
 }
 
 impl Takeover {
     pub(crate) fn new(sw: Switcheroo, port: u16) -> Self {
-        Takeover { sw, port }
+        Takeover {
+            sw,
+            port,
+            probation: None,
+            canary: None,
+        }
+    }
+
+    /// Keeps the previous active instance warm below this one for `probation` after the
+    /// commit: its rules stay as the standby, it keeps its listener and is not signalled.
+    /// If this instance dies meanwhile, the standby (watching it through a
+    /// [`Tenure`](crate::Tenure)) deletes its rules and serves again; when the probation
+    /// passes, this instance's [`Tenure`](crate::Tenure) deletes the standby's rules and
+    /// sends it SIGTERM. For a canary, the probation starts when it is promoted.
+    pub fn probation(mut self, probation: Duration) -> Self {
+        self.probation = Some(probation);
+        self
+    }
+
+    /// Commits this instance as a canary: its rules take `percent` of new connections
+    /// (1-99; `-m statistic --mode random`, one draw per connection, which conntrack then
+    /// keeps where it started) above the active, which keeps the rest. The active and the
+    /// standby stay, an earlier canary is replaced. [`promote`](crate::promote) makes it
+    /// the active, [`rollback`](crate::rollback) removes it.
+    pub fn canary(mut self, percent: u8) -> Self {
+        self.canary = Some(percent);
+        self
     }
 
     /// The internal port of this instance.
@@ -77,12 +114,37 @@ impl Takeover {
             start,
         }
         .to_string();
-        let redirect = Redirect::new(sw.public_port(), self.port, &comment)?;
+        let mut redirect = Redirect::new(sw.public_port(), self.port, &comment)?;
+        let how = match (self.canary, self.probation) {
+            (Some(percent), _) => {
+                redirect = redirect
+                    .with_percent(percent)
+                    .map_err(|_| Error::InvalidCanary { percent })?;
+                Deploy::Canary
+            }
+            (None, Some(_)) => Deploy::Probation,
+            (None, None) => Deploy::Replace,
+        };
         let routes = sw.routes();
         let wanted = |chain| routes.has_chain(chain);
 
         let outcome = sw.with_conn(|conn, recorded| {
             sw.transaction(recorded, &wanted).run(conn, |snap, batch| {
+                let kept = history::kept_by(snap, how);
+                if how == Deploy::Canary {
+                    // Every chain the canary enters needs an active to share with.
+                    let all_have_active = Family::ALL.into_iter().all(|f| {
+                        Chain::ALL
+                            .into_iter()
+                            .filter(|c| routes.has_chain(*c))
+                            .all(|c| kept.iter().any(|r| (r.family, r.chain) == (f, c)))
+                    });
+                    if !all_have_active {
+                        return Err(Error::CanaryWithoutActive {
+                            namespace: sw.namespace().to_owned(),
+                        });
+                    }
+                }
                 for family in Family::ALL {
                     if snap.missing.iter().any(|(f, _)| *f == family) {
                         batch.push(Op::AddTable(family));
@@ -96,7 +158,7 @@ impl Takeover {
                         }
                     }
                 }
-                for rule in &snap.ours {
+                for rule in snap.ours.iter().filter(|r| !kept.contains(r)) {
                     let (family, chain, handle) = rule.place();
                     batch.push(Op::Delete(family, chain, handle));
                 }
@@ -114,7 +176,21 @@ impl Takeover {
             outcome.attempts,
         );
 
-        let signalled = terminate_owners(&outcome.removed);
+        // The instances that stay (standby, or active below a canary) keep serving: only
+        // owners of deleted rules are told to go.
+        let kept: Vec<Rule> = outcome
+            .remaining
+            .iter()
+            .filter(|r| r.pid != Some(pid))
+            .cloned()
+            .collect();
+        let leaving: Vec<Rule> = outcome
+            .removed
+            .iter()
+            .filter(|r| !kept.iter().any(|k| k.pid == r.pid && k.start == r.start))
+            .cloned()
+            .collect();
+        let signalled = terminate_owners(&leaving);
         Ok(Report {
             port: self.port,
             inserted: outcome.inserted,
@@ -122,34 +198,14 @@ impl Takeover {
             signalled,
             attempts: outcome.attempts,
             lock_wait: outcome.lock_wait,
+            role: if how == Deploy::Canary {
+                Role::Canary
+            } else {
+                Role::Active
+            },
+            kept,
+            probation: self.probation,
             elapsed,
         })
     }
-}
-
-/// SIGTERMs the distinct owners of `removed`, each after its identity check.
-fn terminate_owners(removed: &[Rule]) -> Vec<u32> {
-    let mut owners: Vec<Identity> = removed.iter().filter_map(Rule::identity).collect();
-    owners.sort_by_key(|id| (id.pid, id.start));
-    owners.dedup_by_key(|id| (id.pid, id.start));
-    let mut signalled = Vec::new();
-    for id in owners {
-        match owner::terminate(&id) {
-            Termination::Signalled => {
-                info!("sent SIGTERM to pid {} (port {})", id.pid, id.port);
-                signalled.push(id.pid);
-            }
-            Termination::Gone | Termination::Myself => {}
-            Termination::Reused => warn!(
-                "pid {} of a removed rule now belongs to another process; not signalled",
-                id.pid
-            ),
-            Termination::Unverifiable => warn!(
-                "rule for port {} names pid {} without a start time (an older switcheroo); its owner cannot be verified and was not signalled",
-                id.port, id.pid
-            ),
-            Termination::Failed(e) => warn!("could not signal pid {}: {e} (CAP_KILL is needed for another user's process)", id.pid),
-        }
-    }
-    signalled
 }

@@ -34,6 +34,8 @@ pub(crate) struct Outcome {
     pub inserted: Vec<Rule>,
     /// The rules of the snapshot that the batch deleted.
     pub removed: Vec<Rule>,
+    /// The namespace's rules after the batch, chain by chain, top down, with their roles.
+    pub remaining: Vec<Rule>,
     /// How many attempts were made (reads and batches that met a change count alike).
     pub attempts: u32,
     /// How long the lock was waited for.
@@ -171,6 +173,7 @@ impl Transaction<'_> {
                 return Ok(Outcome {
                     inserted: Vec::new(),
                     removed: Vec::new(),
+                    remaining: snap.ours,
                     attempts: attempts.made,
                     lock_wait: Duration::ZERO,
                 });
@@ -194,15 +197,16 @@ impl Transaction<'_> {
                         .filter_map(|entry| Rule::from_entry(entry, Some(namespace)))
                         .collect();
                     self.record(conn, &snap, &deleted, &inserted);
-                    let removed = snap
+                    let (removed, kept): (Vec<Rule>, Vec<Rule>) = snap
                         .ours
                         .iter()
-                        .filter(|r| deleted.contains(&r.place()))
                         .cloned()
-                        .collect();
+                        .partition(|r| deleted.contains(&r.place()));
+                    let remaining = after(&inserted, kept);
                     return Ok(Outcome {
                         inserted,
                         removed,
+                        remaining,
                         attempts: attempts.made,
                         lock_wait: Duration::ZERO,
                     });
@@ -250,6 +254,23 @@ impl Transaction<'_> {
             None => records.forget(key),
         }
     }
+}
+
+/// The rules of each chain after a batch that inserted `inserted` at the heads and kept
+/// `kept`, top down, with their roles.
+fn after(inserted: &[Rule], kept: Vec<Rule>) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for family in Family::ALL {
+        for chain in Chain::ALL {
+            let start = rules.len();
+            let here = |r: &&Rule| (r.family, r.chain) == (family, chain);
+            // Inserted in batch order at the head: the last insert is the top one.
+            rules.extend(inserted.iter().rev().filter(here).cloned());
+            rules.extend(kept.iter().filter(here).cloned());
+            crate::role::assign(&mut rules[start..]);
+        }
+    }
+    rules
 }
 
 fn deleted(batch: &Batch) -> Vec<(Family, Chain, Handle)> {

@@ -418,13 +418,13 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
             "PORT",
             "INTERNAL",
             "PID",
-            "OWNER"
+            "ROLE"
         ]
     );
     // alpha: both routes in both families; beta: OUTPUT only.
     assert_eq!(rows.len(), 1 + 4 + 2, "{table}");
-    let alpha_row = format!("alpha ip PREROUTING 8080 {} {} alive", a.port, a.pid);
-    let beta_row = format!("beta ip6 OUTPUT 9090 {} {} alive", b.port, b.pid);
+    let alpha_row = format!("alpha ip PREROUTING 8080 {} {} active", a.port, a.pid);
+    let beta_row = format!("beta ip6 OUTPUT 9090 {} {} active", b.port, b.pid);
     let norm: Vec<String> = rows
         .iter()
         .map(|r| r.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -450,7 +450,10 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
         )),
         "{json}"
     );
-    assert!(json.contains("\"alive\":true"), "{json}");
+    assert!(
+        json.contains("\"alive\":true,\"role\":\"active\"}"),
+        "{json}"
+    );
 
     // A wrapper killed outright: its rules stay and show their owner dead.
     let _ = a.child.kill();

@@ -55,7 +55,7 @@ fn second_instance_takes_over_for_loopback_and_network_clients() {
     }
     first.expect_clean_exit("the replaced instance");
     assert!(
-        first.log.iter().any(|l| l.starts_with("signal 15:")),
+        first.log.iter().any(|l| l.starts_with("retiring (")),
         "the replaced instance left because of SIGTERM: {:?}",
         first.log
     );
@@ -120,7 +120,7 @@ fn keep_alive_connections_get_connection_close_then_are_closed() {
 
     let second = ns.hello(&[]);
     // Printed by the old instance once it is shutting down.
-    first.line("signal 15:");
+    first.line("retiring (");
     // The next request on an open connection is still answered by the old instance, which
     // says it is the last one and closes.
     let r = busy.get("/").expect("request after the switch");

@@ -23,6 +23,10 @@ use switcheroo::{Routes, Rule};
 const EXIT_ERROR: u8 = 1;
 /// Exit status when the new server never became ready: nothing was switched.
 const EXIT_NOT_READY: u8 = 3;
+/// Exit status of a `run` whose instance was rolled back (by `switcheroo rollback`, by
+/// failed health checks or by its server's exit during the probation): the previous
+/// instance serves again.
+const EXIT_ROLLED_BACK: u8 = 4;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -31,6 +35,14 @@ Examples:
 
   # a server that only takes a port number: {port} is replaced by the internal port
   switcheroo run --namespace api --port 443 --ready delay:2s -- ./server --listen-port {port}
+
+  # keep the previous version warm for 5 minutes; roll back at once if this one dies
+  switcheroo run --port 8080 --probation 5m --ready http:/healthz -- ./server
+  switcheroo rollback            # back to the previous version, in one transaction
+
+  # send 10% of new connections to the new version first
+  switcheroo run --port 8080 --canary 10 --probation 5m -- ./server
+  switcheroo promote             # it takes every new connection; or: switcheroo rollback
 
   switcheroo status --json
   switcheroo cleanup --namespace api
@@ -44,6 +56,10 @@ Exit status:
   3        run: the new server failed to start, exited, was not ready in time or was told
            to stop before the switch; nothing was switched and the old version keeps
            serving
+  4        run: this instance was rolled back (switcheroo rollback, 3 failed health checks
+           or its server's exit during the probation); the previous instance serves again
+  1        rollback: nothing to roll back to; promote: no live canary (the ruleset is
+           unchanged; the message says why)
   N        run: the server's own exit status, or 128+signal if a signal ended it
 
 Logging goes to stderr; RUST_LOG=debug (or warn, ...) sets the level, info by default.
@@ -66,9 +82,15 @@ enum Command {
     /// Start COMMAND with a fresh listening socket as fd 3, switch the public port to it
     /// once it is ready, and stop the previous instance gracefully
     #[command(after_help = run::AFTER_HELP)]
-    Run(RunArgs),
-    /// List every switcheroo rule in this network namespace
+    Run(Box<RunArgs>),
+    /// List every switcheroo rule in this network namespace, with its role
     Status(StatusArgs),
+    /// Delete the namespace's head in one transaction (the canary, else the active if a
+    /// live standby is below it); its owner retires
+    Rollback(NamespaceArgs),
+    /// Make the namespace's canary the active in one transaction; the previous active
+    /// becomes the standby (the canary's --probation decides when it retires)
+    Promote(NamespaceArgs),
     /// Delete a namespace's rules (processes are not signalled)
     Cleanup(CleanupArgs),
 }
@@ -95,6 +117,16 @@ struct RunArgs {
     /// How long to wait for readiness before giving up (nothing is switched then)
     #[arg(long, default_value = "60s", value_parser = ready::parse_duration)]
     ready_timeout: Duration,
+    /// Keep the previous instance warm below this one for DURATION after the switch: if
+    /// this one's server exits (or, with --ready http:/PATH, fails 3 health checks in a
+    /// row, probed every second) meanwhile, the previous one serves again and run exits 4;
+    /// after it, the previous one retires. With --canary, it starts at the promotion
+    #[arg(long, value_name = "DURATION", value_parser = ready::parse_duration)]
+    probation: Option<Duration>,
+    /// Take PERCENT (1-99) of new connections above the active instance instead of all of
+    /// them; `switcheroo promote` or `switcheroo rollback` decide what follows
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+    canary: Option<u8>,
     /// On SIGTERM/SIGINT, forward the signal once the accept queue has been empty this long
     #[arg(long, default_value = "200ms", value_parser = ready::parse_duration)]
     drain_idle: Duration,
@@ -136,6 +168,13 @@ struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+struct NamespaceArgs {
+    /// The service's name
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+}
+
+#[derive(Args, Debug)]
 struct CleanupArgs {
     /// The namespace whose rules to delete
     #[arg(long, short = 'n')]
@@ -148,10 +187,28 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let result = match cli.command {
-        Command::Run(args) => return run::run(args.into()),
+        Command::Run(args) => return run::run((*args).into()),
         Command::Status(args) => status(args),
         Command::Cleanup(args) => switcheroo::cleanup(&args.namespace).map(|n| {
             println!("removed {n} rules of namespace {}", args.namespace);
+        }),
+        Command::Rollback(args) => switcheroo::rollback(&args.namespace).map(|r| {
+            println!(
+                "namespace {}: rolled back from pid {} to pid {} (removed {} rules, signalled {:?})",
+                args.namespace,
+                r.from.unwrap_or(0),
+                r.serving.map_or("-".to_owned(), |p| p.to_string()),
+                r.removed.len(),
+                r.signalled
+            );
+        }),
+        Command::Promote(args) => switcheroo::promote(&args.namespace).map(|p| {
+            println!(
+                "namespace {}: pid {} is the active now; standby {}",
+                args.namespace,
+                p.promoted,
+                p.standby.map_or("none".to_owned(), |s| format!("pid {s}"))
+            );
         }),
     };
     match result {
@@ -178,6 +235,8 @@ impl From<RunArgs> for run::Config {
                 .max_wait(a.drain_max),
             kill_after: a.kill_after,
             record_dir: a.record_dir,
+            probation: a.probation,
+            canary: a.canary,
             command: a.command,
         }
     }
@@ -207,7 +266,7 @@ fn table(rules: &[Rule]) -> String {
         "PORT".to_owned(),
         "INTERNAL".to_owned(),
         "PID".to_owned(),
-        "OWNER".to_owned(),
+        "ROLE".to_owned(),
     ]];
     for r in rules {
         rows.push([
@@ -217,7 +276,7 @@ fn table(rules: &[Rule]) -> String {
             r.public_port.to_string(),
             r.internal_port.to_string(),
             r.pid.map_or("-".to_owned(), |p| p.to_string()),
-            if r.alive { "alive" } else { "dead" }.to_owned(),
+            r.role_name(),
         ]);
     }
     let mut widths = [0; 7];
@@ -244,7 +303,7 @@ fn json(rules: &[Rule]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{}}}",
+                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{},\"role\":{}{}}}",
                 json_string(&r.namespace),
                 r.family,
                 r.chain,
@@ -253,7 +312,9 @@ fn json(rules: &[Rule]) -> String {
                 r.internal_port,
                 r.pid.map_or("null".to_owned(), |p| p.to_string()),
                 r.start.map_or("null".to_owned(), |s| s.to_string()),
-                r.alive
+                r.alive,
+                json_string(&if r.alive { r.role.to_string() } else { "dead".to_owned() }),
+                r.weight.map_or(String::new(), |w| format!(",\"weight\":{w}")),
             )
         })
         .collect();
@@ -327,7 +388,7 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        let config = run::Config::from(args);
+        let config = run::Config::from(*args);
         assert_eq!(config.range, 41000..=41010);
         assert_eq!(config.routes, Routes::LOCALHOST);
         assert_eq!(config.namespace, "default");

@@ -7,7 +7,7 @@
 //! status is a [`Failure`] with its exit code.
 
 use crate::ready::{self, NotifySocket, Ready};
-use crate::{EXIT_ERROR, EXIT_NOT_READY};
+use crate::{EXIT_ERROR, EXIT_NOT_READY, EXIT_ROLLED_BACK};
 use log::{debug, error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -23,7 +23,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use switcheroo::{Drain, Routes, Switcheroo, Takeover};
+use switcheroo::{Change, Drain, Routes, Switcheroo, Takeover, Tenure};
 use switcheroo_sys::spawn::Activation;
 use switcheroo_sys::PidFd;
 
@@ -43,7 +43,18 @@ and exits with the server's exit status. If the new server exits or is not ready
 --ready-timeout, nothing is switched, the previous version keeps serving, and run exits 3;
 if the switch itself fails, the server is stopped and run exits 1.
 
+With --probation, the previous instance stays warm below this one: if this one's server
+exits, or fails 3 health checks in a row (--ready http:/PATH, probed every second), the
+previous one serves again and run exits 4 saying which pid serves; a run that
+`switcheroo rollback` removed exits 4 too. Stopped with SIGTERM while it serves, run first
+removes its own rules, so that an instance below takes new connections at once.
+
 Under systemd (Type=notify), switcheroo itself sends READY=1 once it has switched.";
+
+/// Failed health checks in a row, during a probation, that roll an instance back.
+pub const HEALTH_FAILURES: u32 = 3;
+/// How often the health path is probed during a probation.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What `switcheroo run` was asked to do.
 #[derive(Debug)]
@@ -58,6 +69,8 @@ pub struct Config {
     pub kill_after: Option<Duration>,
     pub fd_name: String,
     pub record_dir: Option<PathBuf>,
+    pub probation: Option<Duration>,
+    pub canary: Option<u8>,
     pub command: Vec<OsString>,
 }
 
@@ -113,11 +126,19 @@ pub enum Failure {
         name: String,
         source: switcheroo::Error,
     },
+    /// This instance was rolled back; the server was stopped.
+    #[error("{name} was rolled back ({why}); {serving} serves now")]
+    RolledBack {
+        name: String,
+        why: String,
+        serving: String,
+    },
 }
 
 impl Failure {
     /// 1 for an error of switcheroo itself, 3 when the new server did not become ready
-    /// (or was told to stop first): in every case nothing was switched.
+    /// (or was told to stop first): in both cases nothing was switched. 4 when the
+    /// instance was rolled back after its switch.
     pub fn exit_code(&self) -> u8 {
         match self {
             Failure::Setup(_) | Failure::Switcheroo(_) | Failure::SwitchFailed { .. } => EXIT_ERROR,
@@ -125,6 +146,7 @@ impl Failure {
             | Failure::ExitedBeforeReady { .. }
             | Failure::NotReady { .. }
             | Failure::StoppedBeforeSwitch { .. } => EXIT_NOT_READY,
+            Failure::RolledBack { .. } => EXIT_ROLLED_BACK,
         }
     }
 }
@@ -149,8 +171,8 @@ enum State {
     WaitingReady(Takeover),
     /// The public port leads to the server.
     Serving,
-    /// Told to stop: waiting until the accept queue stays empty.
-    Draining(Signal),
+    /// Retiring: waiting until the accept queue stays empty.
+    Draining(Retire),
     /// The signal goes to the server; waiting for it to exit.
     Stopping {
         signal: Signal,
@@ -160,6 +182,17 @@ enum State {
     Exited(WaitStatus),
 }
 
+/// Why the wrapper retires.
+#[derive(Debug, Clone, Copy)]
+enum Retire {
+    /// SIGTERM or SIGINT arrived (from an operator, or from the deployer that replaced
+    /// this instance): forwarded after the drain. Another one cuts the drain short.
+    Signal(Signal),
+    /// This instance's rules are gone (replaced or rolled back). The deployer's SIGTERM
+    /// usually follows; it is the one forwarded, and only a second one cuts the drain short.
+    Removed,
+}
+
 /// What woke the wrapper up.
 #[derive(Debug)]
 enum Event {
@@ -167,6 +200,9 @@ enum Event {
     ChildExited(WaitStatus),
     /// The notify socket has messages.
     Notified,
+    /// The tenure's notifications or watched pidfd are readable, or its deadline passed:
+    /// call `Tenure::check`.
+    Tenure,
     /// The deadline passed.
     Timeout,
 }
@@ -193,8 +229,14 @@ enum ChildState {
 }
 
 impl Events {
-    /// Waits until something happens or `deadline` passes (never, with `None`).
-    fn next(&mut self, deadline: Option<Instant>) -> Event {
+    /// Waits until something happens or `deadline` passes (never, with `None`), watching
+    /// `tenure` too when given.
+    fn next(&mut self, deadline: Option<Instant>, tenure: Option<&Tenure>) -> Event {
+        let tenure_deadline = tenure.and_then(Tenure::deadline);
+        let deadline = match (deadline, tenure_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         loop {
             if let ChildState::Exited(status) = self.child_state {
                 self.child_state = ChildState::Reported;
@@ -208,6 +250,9 @@ impl Events {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
+                        if tenure_deadline.is_some_and(|t| t <= Instant::now()) {
+                            return Event::Tenure;
+                        }
                         return Event::Timeout;
                     }
                     // Rounded up, so that a wake-up is never early.
@@ -222,6 +267,10 @@ impl Events {
             }
             if let Some(notify) = &self.notify {
                 fds.push(PollFd::new(notify.fd(), PollFlags::POLLIN));
+            }
+            let first_tenure_fd = fds.len();
+            for fd in tenure.map(Tenure::fds).unwrap_or_default() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             if let Err(e) = poll(&mut fds, timeout) {
                 if e != nix::errno::Errno::EINTR {
@@ -248,7 +297,10 @@ impl Events {
                 }
                 continue;
             }
-            if self.notify.is_some() && ready.last() == Some(&true) {
+            if ready[first_tenure_fd..].iter().any(|r| *r) {
+                return Event::Tenure;
+            }
+            if self.notify.is_some() && ready[first_tenure_fd - 1] {
                 return Event::Notified;
             }
         }
@@ -267,6 +319,11 @@ impl Events {
 
 struct Wrapper {
     events: Events,
+    sw: Switcheroo,
+    /// This instance's watch over its place, from the switch on.
+    tenure: Option<Tenure>,
+    /// Set when the instance was rolled back: how `run` ends once the server is stopped.
+    rolled_back: Option<Failure>,
     /// Our copy of the listening socket, while the server has it too.
     listener: Option<TcpListener>,
     name: String,
@@ -297,7 +354,8 @@ impl Wrapper {
         if let Some(dir) = &config.record_dir {
             builder = builder.record_dir(dir);
         }
-        let (listener, takeover) = builder.build()?.begin()?;
+        let sw = builder.build()?;
+        let (listener, takeover) = sw.begin()?;
         let port = takeover.port();
 
         let notify = match config.ready {
@@ -353,6 +411,9 @@ impl Wrapper {
             describe(&config.ready)
         );
         let wrapper = Wrapper {
+            sw,
+            tenure: None,
+            rolled_back: None,
             events: Events {
                 signals,
                 pending: VecDeque::new(),
@@ -375,9 +436,14 @@ impl Wrapper {
             state = match state {
                 State::WaitingReady(takeover) => self.wait_ready(config, takeover)?,
                 State::Serving => self.serve(config),
-                State::Draining(signal) => self.drain(config, signal),
+                State::Draining(why) => self.drain(config, why),
                 State::Stopping { signal, kill_after } => self.stop(signal, kill_after),
-                State::Exited(status) => return Ok(status),
+                State::Exited(status) => {
+                    return match self.rolled_back.take() {
+                        Some(failure) => Err(failure),
+                        None => Ok(status),
+                    }
+                }
             };
         }
     }
@@ -420,7 +486,7 @@ impl Wrapper {
                 Ready::Http(_) => next_probe.min(deadline),
                 Ready::Notify => deadline,
             };
-            match self.events.next(Some(wake)) {
+            match self.events.next(Some(wake), None) {
                 Event::ChildExited(status) => {
                     self.listener = None;
                     return Err(Failure::ExitedBeforeReady {
@@ -443,6 +509,7 @@ impl Wrapper {
                         return self.switch(config, takeover);
                     }
                 }
+                Event::Tenure => {}
                 Event::Timeout if Instant::now() >= deadline => {
                     let hint = match &config.ready {
                         Ready::Notify => "; if it does not speak sd_notify, use --ready http:/PATH or --ready delay:DURATION",
@@ -465,9 +532,25 @@ impl Wrapper {
     }
 
     /// The server is ready: point the public port at it. A failed switch stops it.
-    fn switch(&mut self, config: &Config, takeover: Takeover) -> Result<State, Failure> {
-        match takeover.commit() {
-            Ok(report) => info!(
+    fn switch(&mut self, config: &Config, mut takeover: Takeover) -> Result<State, Failure> {
+        if let Some(probation) = config.probation {
+            takeover = takeover.probation(probation);
+        }
+        if let Some(percent) = config.canary {
+            takeover = takeover.canary(percent);
+        }
+        let report = match takeover.commit() {
+            Ok(report) => report,
+            Err(source) => {
+                error!("the switch failed: {source}; stopping {}", self.name);
+                self.stop(Signal::SIGTERM, Some(ABORT_GRACE));
+                return Err(Failure::SwitchFailed {
+                    name: self.name.clone(),
+                    source,
+                });
+            }
+        };
+        info!(
                 "{name} is ready: port {public} -> {port} in {us} µs ({attempts} attempt{s}); replaced {removed} rules, signalled {signalled:?}",
                 name = self.name,
                 public = config.port,
@@ -477,15 +560,29 @@ impl Wrapper {
                 s = if report.attempts == 1 { "" } else { "s" },
                 removed = report.removed.len(),
                 signalled = report.signalled,
-            ),
-            Err(source) => {
-                error!("the switch failed: {source}; stopping {}", self.name);
-                self.stop(Signal::SIGTERM, Some(ABORT_GRACE));
-                return Err(Failure::SwitchFailed {
-                    name: self.name.clone(),
-                    source,
-                });
+        );
+        if let Some(percent) = config.canary {
+            info!(
+                "{} is the canary: it takes {percent}% of new connections",
+                self.name
+            );
+        }
+        if let (Some(d), false) = (config.probation, report.kept.is_empty()) {
+            if config.canary.is_none() {
+                info!(
+                    "probation of {d:?}: pid {:?} stays warm below",
+                    report
+                        .kept
+                        .iter()
+                        .filter_map(|r| r.pid)
+                        .collect::<std::collections::BTreeSet<_>>()
+                );
             }
+        }
+        match Tenure::new(&self.sw, &report) {
+            Ok(tenure) => self.tenure = Some(tenure),
+            // The switch is done and serves; only the watch over it is missing.
+            Err(e) => warn!("cannot watch this instance's place in the chain: {e}; a probation or rollback will not be followed"),
         }
         self.tell_manager(&format!(
             "READY=1\nSTATUS=port {} -> {} ({} pid {})",
@@ -494,42 +591,199 @@ impl Wrapper {
         Ok(State::Serving)
     }
 
-    /// Serving until told to stop (or until the server exits on its own).
+    /// Serving until told to stop, replaced or rolled back (or until the server exits on
+    /// its own), following this instance's place in the chain and, during a probation,
+    /// its health.
     fn serve(&mut self, config: &Config) -> State {
+        let mut failures = 0;
+        let mut next_probe = Instant::now() + HEALTH_INTERVAL;
         loop {
-            match self.events.next(None) {
-                Event::ChildExited(status) => {
-                    self.listener = None;
-                    let public = config.port;
-                    match status {
-                        WaitStatus::Exited(_, 0) => warn!(
-                            "{} exited 0 on its own while serving; port {public} refuses connections until the next deploy",
-                            self.name
-                        ),
-                        _ => error!(
-                            "{} {} while serving; port {public} refuses connections until the next deploy",
-                            self.name,
-                            describe_status(status)
-                        ),
+            let probing = matches!(config.ready, Ready::Http(_))
+                && self.tenure.as_ref().is_some_and(|t| t.deadline().is_some());
+            let deadline = probing.then_some(next_probe);
+            match self.events.next(deadline, self.tenure.as_ref()) {
+                Event::ChildExited(status) => return self.server_exited(config, status),
+                Event::Signal(signal) if STOP.contains(&signal) => {
+                    // An operator's stop while serving: leave the chain first, so that an
+                    // instance below takes new connections at once. Replaced or rolled
+                    // back, the rules are gone already and this does nothing.
+                    if let Some(tenure) = &mut self.tenure {
+                        match tenure.resign() {
+                            Ok(0) => {}
+                            Ok(n) => info!("removed this instance's {n} rules before stopping"),
+                            Err(e) => warn!("could not remove this instance's rules: {e}"),
+                        }
                     }
-                    return State::Exited(status);
+                    return State::Draining(Retire::Signal(signal));
                 }
-                Event::Signal(signal) if STOP.contains(&signal) => return State::Draining(signal),
                 Event::Signal(signal) => self.forward(signal),
                 Event::Notified => self.discard_notifications(),
-                Event::Timeout => {}
+                Event::Tenure => {
+                    if let Some(next) = self.follow_tenure() {
+                        return next;
+                    }
+                }
+                Event::Timeout => {
+                    let Ready::Http(path) = &config.ready else {
+                        continue;
+                    };
+                    next_probe = Instant::now() + HEALTH_INTERVAL;
+                    match ready::http_probe(self.port, path, HEALTH_INTERVAL) {
+                        Ok(true) => failures = 0,
+                        other => {
+                            failures += 1;
+                            warn!(
+                                "health check {failures}/{HEALTH_FAILURES} during the probation failed: {}",
+                                match other {
+                                    Ok(_) => format!("GET {path} did not answer 2xx"),
+                                    Err(e) => format!("GET {path}: {e}"),
+                                }
+                            );
+                        }
+                    }
+                    if failures >= HEALTH_FAILURES {
+                        return self.roll_back(format!(
+                            "{HEALTH_FAILURES} health checks in a row failed during the probation"
+                        ));
+                    }
+                }
             }
+        }
+    }
+
+    /// Handles what the tenure reports; the next state when this instance must retire.
+    fn follow_tenure(&mut self) -> Option<State> {
+        let tenure = self.tenure.as_mut()?;
+        loop {
+            let change = match tenure.check() {
+                Ok(Some(change)) => change,
+                Ok(None) => return None,
+                Err(e) => {
+                    warn!("reading this instance's place in the chain: {e}");
+                    return None;
+                }
+            };
+            match change {
+                Change::Removed {
+                    rolled_back,
+                    serving,
+                } => {
+                    let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
+                    if rolled_back {
+                        info!("{} was rolled back; {serving} serves now", self.name);
+                        self.rolled_back = Some(Failure::RolledBack {
+                            name: self.name.clone(),
+                            why: "its rules were removed for an older instance".into(),
+                            serving,
+                        });
+                    } else {
+                        info!("{} was replaced; {serving} serves now", self.name);
+                    }
+                    // The deployer sends SIGTERM too; whichever comes first starts the drain.
+                    return Some(State::Draining(Retire::Removed));
+                }
+                Change::Active { after } => match after {
+                    Some(pid) => info!("pid {pid} above this instance is gone: {} takes every new connection again", self.name),
+                    None => info!("{} takes every new connection", self.name),
+                },
+                Change::Below { role, above } => {
+                    info!("pid {above} now takes new connections before {} ({role})", self.name)
+                }
+                Change::Promoted => info!("{} was promoted: it takes every new connection", self.name),
+                Change::ProbationPassed { retired } => {
+                    info!("the probation passed; the previous instance retires (signalled {retired:?})")
+                }
+            }
+        }
+    }
+
+    /// The server exited while serving. During a probation the standby below takes over:
+    /// this instance leaves the chain and `run` exits 4; otherwise its status is passed on.
+    fn server_exited(&mut self, config: &Config, status: WaitStatus) -> State {
+        self.listener = None;
+        let public = config.port;
+        let below_warm = self.tenure.as_ref().is_some_and(|t| t.deadline().is_some());
+        if let Some(tenure) = &mut self.tenure {
+            if let Err(e) = tenure.resign() {
+                warn!("could not remove this instance's rules: {e}");
+            }
+        }
+        if below_warm {
+            let why = format!(
+                "its server {} during the probation",
+                describe_status(status)
+            );
+            self.rolled_back = Some(Failure::RolledBack {
+                name: self.name.clone(),
+                why,
+                serving: self.serving_now(),
+            });
+            return State::Exited(status);
+        }
+        match status {
+            WaitStatus::Exited(_, 0) => warn!(
+                "{} exited 0 on its own while serving; port {public} refuses connections until the next deploy",
+                self.name
+            ),
+            _ => error!(
+                "{} {} while serving; port {public} refuses connections until the next deploy",
+                self.name,
+                describe_status(status)
+            ),
+        }
+        State::Exited(status)
+    }
+
+    /// Rolls this instance back on its own (its health failed during the probation): its
+    /// rules go, the standby below serves again, and the server drains and stops.
+    fn roll_back(&mut self, why: String) -> State {
+        if let Some(tenure) = &mut self.tenure {
+            if let Err(e) = tenure.resign() {
+                warn!("could not remove this instance's rules: {e}");
+            }
+        }
+        let serving = self.serving_now();
+        warn!("{}: {why}; rolling back, {serving} serves now", self.name);
+        self.rolled_back = Some(Failure::RolledBack {
+            name: self.name.clone(),
+            why,
+            serving,
+        });
+        State::Draining(Retire::Removed)
+    }
+
+    /// Who gets new connections now, for messages.
+    fn serving_now(&self) -> String {
+        match self.sw.rules() {
+            Ok(rules) => rules
+                .iter()
+                .find(|r| r.alive && r.weight.is_none())
+                .and_then(|r| r.pid)
+                .map_or("nobody".to_owned(), |p| format!("pid {p}")),
+            Err(e) => format!("(unknown: {e})"),
         }
     }
 
     /// SIGTERM/SIGINT after the switch: keep the server accepting until its accept queue
     /// has stayed empty for the idle period (a second signal cuts it short).
-    fn drain(&mut self, config: &Config, signal: Signal) -> State {
+    fn drain(&mut self, config: &Config, why: Retire) -> State {
         self.tell_manager("STOPPING=1");
-        info!(
-            "got {signal}: waiting until the accept queue of port {} stays empty, then stopping {}",
-            self.port, self.name
-        );
+        let mut signal = match why {
+            Retire::Signal(signal) => {
+                info!(
+                    "got {signal}: waiting until the accept queue of port {} stays empty, then stopping {}",
+                    self.port, self.name
+                );
+                Some(signal)
+            }
+            Retire::Removed => {
+                info!(
+                    "waiting until the accept queue of port {} stays empty, then stopping {}",
+                    self.port, self.name
+                );
+                None
+            }
+        };
         let mut tracker = config.drain.tracker();
         loop {
             // Our copy of the socket if the server got it; else the queue is read from
@@ -558,11 +812,18 @@ impl Wrapper {
                     break;
                 }
             }
-            match self.events.next(Some(Instant::now() + tracker.interval())) {
+            match self
+                .events
+                .next(Some(Instant::now() + tracker.interval()), None)
+            {
                 Event::ChildExited(status) => {
                     info!("{} {} during the drain", self.name, describe_status(status));
                     self.listener = None;
                     return State::Exited(status);
+                }
+                Event::Signal(stop) if STOP.contains(&stop) && signal.is_none() => {
+                    // The deployer's SIGTERM, after its rules were seen to go.
+                    signal = Some(stop);
                 }
                 Event::Signal(again) if STOP.contains(&again) => {
                     info!("got {again} again: stopping without waiting for the drain");
@@ -570,11 +831,11 @@ impl Wrapper {
                 }
                 Event::Signal(other) => self.forward(other),
                 Event::Notified => self.discard_notifications(),
-                Event::Timeout => {}
+                Event::Timeout | Event::Tenure => {}
             }
         }
         State::Stopping {
-            signal,
+            signal: signal.unwrap_or(Signal::SIGTERM),
             kill_after: config.kill_after,
         }
     }
@@ -587,11 +848,12 @@ impl Wrapper {
         self.listener = None;
         let mut deadline = kill_after.map(|d| Instant::now() + d);
         loop {
-            match self.events.next(deadline) {
+            match self.events.next(deadline, None) {
                 Event::ChildExited(status) => {
                     info!("{} {}", self.name, describe_status(status));
                     return State::Exited(status);
                 }
+                Event::Tenure => {}
                 Event::Timeout => {
                     warn!(
                         "{} still runs {:?} after {signal}: SIGKILL",
@@ -727,11 +989,16 @@ mod tests {
                 signal: Signal::SIGTERM,
             },
             Failure::SwitchFailed {
-                name,
+                name: name.clone(),
                 source: switcheroo::Error::NoRoutes,
+            },
+            Failure::RolledBack {
+                name,
+                why: "x".into(),
+                serving: "pid 1".into(),
             },
         ];
         let codes: Vec<u8> = failures.iter().map(Failure::exit_code).collect();
-        assert_eq!(codes, [1, 1, 3, 3, 3, 3, 1]);
+        assert_eq!(codes, [1, 1, 3, 3, 3, 3, 1, 4]);
     }
 }

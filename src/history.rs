@@ -1,0 +1,332 @@
+//! Transactions on a namespace's deploy history: which rules a deploy keeps, rolling back
+//! to the standby, promoting the canary. Each is one nftables transaction built from the
+//! roles the rules' positions give (see [`crate::Role`]).
+
+use crate::comment::Identity;
+use crate::owner::terminate_owners;
+use crate::role::Role;
+use crate::rule::Rule;
+use crate::snapshot::Snapshot;
+use crate::switcheroo::Switcheroo;
+use crate::transaction::{Transaction, MAX_ATTEMPTS};
+use crate::{comment, Error, Result};
+use log::info;
+use switcheroo_sys::{Chain, Conn, Family, Op, Redirect};
+
+/// How a deploy treats the instances already in the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deploy {
+    /// The new instance takes every new connection; every older rule goes.
+    Replace,
+    /// The new instance takes every new connection; the previous active stays below as
+    /// the standby, everything else goes.
+    Probation,
+    /// The new instance takes a share of new connections above the active; the active and
+    /// the standby stay, an earlier canary goes.
+    Canary,
+}
+
+/// The rules of `snap`, chain by chain, top down.
+pub(crate) fn chains(snap: &Snapshot) -> Vec<((Family, Chain), Vec<&Rule>)> {
+    let mut out: Vec<((Family, Chain), Vec<&Rule>)> = Vec::new();
+    for rule in &snap.ours {
+        let place = (rule.family, rule.chain);
+        match out.last_mut() {
+            Some((p, rules)) if *p == place => rules.push(rule),
+            _ => out.push((place, vec![rule])),
+        }
+    }
+    out
+}
+
+/// The live plain rules of one chain, top down: the active first, then the standby.
+fn live_plain<'a>(rules: &[&'a Rule]) -> Vec<&'a Rule> {
+    rules
+        .iter()
+        .copied()
+        .filter(|r| r.alive && r.weight.is_none())
+        .collect()
+}
+
+/// The rules a deploy of `how` keeps below the new one: per chain, the first two live
+/// plain rules for a canary, the first one for a probation, none for a plain deploy.
+/// Everything else of the namespace is deleted by the same transaction.
+pub(crate) fn kept_by(snap: &Snapshot, how: Deploy) -> Vec<Rule> {
+    let keep = match how {
+        Deploy::Replace => 0,
+        Deploy::Probation => 1,
+        Deploy::Canary => 2,
+    };
+    chains(snap)
+        .into_iter()
+        .flat_map(|(_, rules)| {
+            live_plain(&rules)
+                .into_iter()
+                .take(keep)
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What [`Switcheroo::rollback`] and [`rollback`](crate::rollback) did.
+#[derive(Debug, Clone)]
+pub struct Rollback {
+    /// The instance rolled back from: the canary, or the active.
+    pub from: Option<u32>,
+    /// The rules the transaction deleted: the rolled-back instance's, and any of dead
+    /// owners.
+    pub removed: Vec<Rule>,
+    /// The processes sent SIGTERM (the rolled-back instance, after its identity check).
+    pub signalled: Vec<u32>,
+    /// The pid of the instance that takes every new connection now.
+    pub serving: Option<u32>,
+}
+
+/// What [`Switcheroo::promote`] and [`promote`](crate::promote) did.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// The pid of the canary that is now the active.
+    pub promoted: u32,
+    /// The previous active, kept below as the standby (the promoted instance's probation
+    /// decides when it retires).
+    pub standby: Option<u32>,
+    /// The rules the transaction deleted: the canary's statistic rules, an older standby's,
+    /// and any of dead owners.
+    pub removed: Vec<Rule>,
+    /// The processes sent SIGTERM (owners of deleted live rules, after their identity check).
+    pub signalled: Vec<u32>,
+}
+
+/// What to roll back from, or why there is nothing to roll back to.
+fn rollback_target(snap: &Snapshot, namespace: &str) -> Result<Identity> {
+    let nothing = |why: String| {
+        Err(Error::NothingToRollBack {
+            namespace: namespace.to_owned(),
+            why,
+        })
+    };
+    if let Some(canary) = snap.ours.iter().find(|r| r.alive && r.role == Role::Canary) {
+        return canary.identity().ok_or(Error::NothingToRollBack {
+            namespace: namespace.to_owned(),
+            why: "its canary rule names no process".into(),
+        });
+    }
+    let Some((_, rules)) = chains(snap)
+        .into_iter()
+        .find(|(_, rules)| rules.iter().any(|r| r.weight.is_none()))
+    else {
+        return nothing("it has no rules".into());
+    };
+    let plain: Vec<&Rule> = rules
+        .iter()
+        .copied()
+        .filter(|r| r.weight.is_none())
+        .collect();
+    let active = plain[0];
+    let standby = plain[1..].iter().find(|r| r.alive);
+    match (standby, active.alive) {
+        (Some(_), _) => active.identity().ok_or(Error::NothingToRollBack {
+            namespace: namespace.to_owned(),
+            why: "its active rule names no process".into(),
+        }),
+        (None, true) => nothing(format!(
+            "its active instance (pid {}) has no live standby below it; deploy with a probation to keep the previous instance warm",
+            active.pid.unwrap_or(0)
+        )),
+        (None, false) => nothing(format!(
+            "its active instance (pid {}) is dead and no live instance is below it; deploy a new one",
+            active.pid.unwrap_or(0)
+        )),
+    }
+}
+
+/// The transaction behind both rollbacks.
+fn rollback_in(
+    conn: &mut Conn,
+    namespace: &str,
+    max_attempts: u32,
+    recorded: Option<crate::snapshot::Recorded<'_>>,
+) -> Result<Rollback> {
+    let mut from = None;
+    let outcome = Transaction {
+        namespace,
+        max_attempts,
+        recorded,
+        wanted: &|_| false,
+    }
+    .run(conn, |snap, batch| {
+        let target = rollback_target(snap, namespace)?;
+        for rule in &snap.ours {
+            if rule.owned_by(&target) || !rule.alive {
+                let (family, chain, handle) = rule.place();
+                batch.push(Op::Delete(family, chain, handle));
+            }
+        }
+        from = Some(target);
+        Ok(())
+    })?;
+    let from = from.map(|id| id.pid);
+    let serving = outcome
+        .remaining
+        .iter()
+        .find(|r| r.alive && r.weight.is_none())
+        .and_then(|r| r.pid);
+    info!(
+        "namespace {namespace}: rolled back from pid {} to pid {}",
+        from.unwrap_or(0),
+        serving.unwrap_or(0)
+    );
+    let signalled = terminate_owners(&outcome.removed);
+    Ok(Rollback {
+        from,
+        removed: outcome.removed,
+        signalled,
+        serving,
+    })
+}
+
+/// The transaction behind both promotions.
+fn promote_in(
+    conn: &mut Conn,
+    namespace: &str,
+    max_attempts: u32,
+    recorded: Option<crate::snapshot::Recorded<'_>>,
+) -> Result<Promotion> {
+    let mut promoted = None;
+    let mut standby = None;
+    let outcome = Transaction {
+        namespace,
+        max_attempts,
+        recorded,
+        wanted: &|_| false,
+    }
+    .run(conn, |snap, batch| {
+        let canary = snap
+            .ours
+            .iter()
+            .find(|r| r.alive && r.role == Role::Canary)
+            .and_then(Rule::identity)
+            .ok_or_else(|| Error::NoCanary {
+                namespace: namespace.to_owned(),
+            })?;
+        let mut keep = Vec::new();
+        for (_, rules) in chains(snap) {
+            let canary_rule = rules
+                .iter()
+                .find(|r| r.owned_by(&canary) && r.role == Role::Canary);
+            if let Some(rule) = canary_rule {
+                let comment = canary.to_string();
+                let plain = Redirect::new(rule.public_port, rule.internal_port, &comment)?;
+                batch.insert_rule(rule.family, rule.chain, plain);
+            }
+            keep.extend(
+                live_plain(&rules)
+                    .into_iter()
+                    .filter(|r| !r.owned_by(&canary))
+                    .take(1)
+                    .map(|r| r.place()),
+            );
+        }
+        for rule in &snap.ours {
+            if !keep.contains(&rule.place()) {
+                let (family, chain, handle) = rule.place();
+                batch.push(Op::Delete(family, chain, handle));
+            }
+        }
+        standby = snap
+            .ours
+            .iter()
+            .find(|r| keep.contains(&r.place()))
+            .and_then(|r| r.pid);
+        promoted = Some(canary);
+        Ok(())
+    })?;
+    let promoted = promoted.map_or(0, |id| id.pid);
+    info!("namespace {namespace}: promoted the canary pid {promoted} to active");
+    // The canary's own statistic rules were deleted; its owner stays, of course.
+    let others: Vec<Rule> = outcome
+        .removed
+        .iter()
+        .filter(|r| r.pid != Some(promoted))
+        .cloned()
+        .collect();
+    let signalled = terminate_owners(&others);
+    Ok(Promotion {
+        promoted,
+        standby,
+        removed: outcome.removed,
+        signalled,
+    })
+}
+
+impl Switcheroo {
+    /// Rolls the service back in one transaction: deletes its head instance's rules in
+    /// every chain (the canary if there is a live one, else the active, if a live standby
+    /// is below it, which then takes every new connection) and any rules of dead owners,
+    /// then sends the rolled-back instance SIGTERM (after its identity check) so that it
+    /// retires. [`Error::NothingToRollBack`] says why when there is nothing to go back to;
+    /// the ruleset is then unchanged.
+    pub fn rollback(&self) -> Result<Rollback> {
+        self.with_conn(|conn, recorded| {
+            rollback_in(conn, self.namespace(), self.max_attempts(), recorded)
+        })
+    }
+
+    /// Makes the live canary the active in one transaction: a plain rule of the canary's
+    /// instance replaces its statistic rule at the head of each chain, the previous active
+    /// stays below as the standby, and an older standby's rules and those of dead owners
+    /// go (their live owners get SIGTERM). The promoted instance's probation, if it watches
+    /// with a [`Tenure`](crate::Tenure), decides when the standby retires.
+    /// [`Error::NoCanary`] without a live canary; the ruleset is then unchanged.
+    pub fn promote(&self) -> Result<Promotion> {
+        self.with_conn(|conn, recorded| {
+            promote_in(conn, self.namespace(), self.max_attempts(), recorded)
+        })
+    }
+}
+
+fn valid(namespace: &str) -> Result<()> {
+    if comment::valid_namespace(namespace) {
+        Ok(())
+    } else {
+        Err(Error::InvalidNamespace {
+            namespace: namespace.to_owned(),
+        })
+    }
+}
+
+/// [`Switcheroo::rollback`] for the service `namespace` in the calling thread's network
+/// namespace, without a configured service (what `switcheroo rollback` runs).
+pub fn rollback(namespace: &str) -> Result<Rollback> {
+    valid(namespace)?;
+    let mut conn = Conn::open()?;
+    rollback_in(&mut conn, namespace, MAX_ATTEMPTS, None)
+}
+
+/// [`Switcheroo::promote`] for the service `namespace` in the calling thread's network
+/// namespace (what `switcheroo promote` runs).
+pub fn promote(namespace: &str) -> Result<Promotion> {
+    valid(namespace)?;
+    let mut conn = Conn::open()?;
+    promote_in(&mut conn, namespace, MAX_ATTEMPTS, None)
+}
+
+/// Deletes the rules of dead owners (and of `also`, if given), in one transaction, when
+/// there are any: what an instance does when the one above it dies, and what the probation
+/// does when it ends. Returns the rules deleted.
+pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> Result<Vec<Rule>> {
+    let outcome = sw.with_conn(|conn, recorded| {
+        sw.transaction(recorded, &|_| false)
+            .run(conn, |snap, batch| {
+                for rule in &snap.ours {
+                    if !rule.alive || which(rule) {
+                        let (family, chain, handle) = rule.place();
+                        batch.push(Op::Delete(family, chain, handle));
+                    }
+                }
+                Ok(())
+            })
+    })?;
+    Ok(outcome.removed)
+}
