@@ -269,9 +269,15 @@ fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Resul
     loop {
         match tenure.wait(shutdown)? {
             Wake::Signal(signal) => {
+                // A deployer or `switcheroo rollback` deletes the rules before it sends
+                // SIGTERM, so their notification is already here: say which it was.
+                while let Some(change) = tenure.check()? {
+                    if let Change::Removed { .. } = change {
+                        return Ok(retired_because(change));
+                    }
+                }
                 // Stopped by an operator while in the chain: leave it first, so that an
-                // instance below takes new connections at once. (Replaced or rolled back,
-                // the rules are gone already and this does nothing.)
+                // instance below takes new connections at once.
                 let left = tenure.resign()?;
                 return Ok(if left > 0 {
                     format!("signal {signal}, left the chain")
@@ -279,17 +285,7 @@ fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Resul
                     format!("signal {signal}")
                 });
             }
-            Wake::Change(Change::Removed {
-                rolled_back,
-                serving,
-            }) => {
-                let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
-                return Ok(if rolled_back {
-                    format!("rolled back, {serving} serves")
-                } else {
-                    format!("replaced, {serving} serves")
-                });
-            }
+            Wake::Change(removed @ Change::Removed { .. }) => return Ok(retired_because(removed)),
             Wake::Change(Change::Active { after }) => {
                 eprintln!("place active after={}", after.unwrap_or(0))
             }
@@ -301,6 +297,23 @@ fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Resul
                 eprintln!("probation passed retired={retired:?}")
             }
         }
+    }
+}
+
+/// Why an instance whose rules are gone retires.
+fn retired_because(change: Change) -> String {
+    let Change::Removed {
+        rolled_back,
+        serving,
+    } = change
+    else {
+        return format!("{change:?}");
+    };
+    let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
+    if rolled_back {
+        format!("rolled back, {serving} serves")
+    } else {
+        format!("replaced, {serving} serves")
     }
 }
 

@@ -179,21 +179,22 @@ pub fn accept_queue_of_port(port: u16) -> io::Result<u32> {
     Ok(queued)
 }
 
+/// The rx_queue of each LISTEN (state 0A) line for `port` of a /proc/net/tcp table.
+fn listeners(table: &str, port: u16) -> impl Iterator<Item = u32> + '_ {
+    table.lines().skip(1).filter_map(move |line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        let queues = fields.next()?;
+        let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+        let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
+        (state == "0A" && local_port == port).then_some(rx)
+    })
+}
+
 /// Sums the rx_queue of the LISTEN (state 0A) lines for `port` of a /proc/net/tcp table.
 fn listen_queue(table: &str, port: u16) -> u32 {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1)?;
-            let state = fields.nth(1)?;
-            let queues = fields.next()?;
-            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-            let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
-            (state == "0A" && local_port == port).then_some(rx)
-        })
-        .sum()
+    listeners(table, port).sum()
 }
 
 #[cfg(test)]

@@ -312,9 +312,10 @@ pub fn promote(namespace: &str) -> Result<Promotion> {
     promote_in(&mut conn, namespace, MAX_ATTEMPTS, None)
 }
 
-/// Deletes the rules of dead owners (and of `also`, if given), in one transaction, when
+/// Deletes the rules of dead owners and those `which` selects, in one transaction, when
 /// there are any: what an instance does when the one above it dies, and what the probation
-/// does when it ends. Returns the rules deleted.
+/// does when it ends. The connections conntrack still maps to a dead owner's port are
+/// forgotten too (see [`forget_dead`]). Returns the rules deleted.
 pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> Result<Vec<Rule>> {
     let outcome = sw.with_conn(|conn, recorded| {
         sw.transaction(recorded, &|_| false)
@@ -328,5 +329,69 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
                 Ok(())
             })
     })?;
+    let ports: Vec<u16> = outcome.removed.iter().map(|r| r.internal_port).collect();
+    let listening: Vec<u16> = sw.in_netns(|| {
+        ports
+            .into_iter()
+            .filter(|p| crate::port::in_use(*p))
+            .collect()
+    })?;
+    sw.with_conn(|conn, _| {
+        forget_dead(conn, &outcome.removed, &listening);
+        Ok(())
+    })?;
     Ok(outcome.removed)
+}
+
+/// `TCP_CONNTRACK_TIME_WAIT` (`linux/netfilter/nf_conntrack_tcp.h`).
+const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+
+/// Deletes the conntrack entries that still map connections to the port of each dead
+/// owner among `removed` (TCP, both families), unless something listens on that port
+/// again (`listening`): a connection reset by the owner's death leaves its entry in CLOSE,
+/// and a new SYN from a reused client port would follow it to the dead port and be
+/// refused. Live owners' entries are never touched: their connections are still served.
+/// Failures are logged, not returned: the rules are gone either way.
+pub(crate) fn forget_dead(conn: &mut Conn, removed: &[Rule], listening: &[u16]) {
+    let mut ports: Vec<(Family, u16)> = removed
+        .iter()
+        .filter(|r| !r.alive && !listening.contains(&r.internal_port))
+        .map(|r| (r.family, r.internal_port))
+        .collect();
+    ports.sort();
+    ports.dedup();
+    let tcp = nix::libc::IPPROTO_TCP as u8;
+    for (family, port) in ports {
+        let entries = match conn.conntrack_to_port(family, tcp, port) {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("cannot read the connections redirected to the dead port {port}: {e}");
+                continue;
+            }
+        };
+        let mut forgotten = 0;
+        // TIME_WAIT entries need nothing: a new SYN on one reopens it and is redirected
+        // afresh. The others (CLOSE after a reset, connections cut by the death) would
+        // take a new SYN of the same tuple to the dead port.
+        for entry in entries
+            .iter()
+            .filter(|e| e.tcp_state != Some(TCP_CONNTRACK_TIME_WAIT))
+        {
+            match conn.delete_conntrack(entry) {
+                Ok(true) => forgotten += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!(
+                        "cannot forget a connection redirected to the dead port {port}: {e}"
+                    );
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            log::debug!(
+                "forgot {forgotten} {family} connections redirected to the dead port {port}"
+            );
+        }
+    }
 }

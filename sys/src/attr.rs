@@ -38,6 +38,101 @@ pub(crate) mod nla {
     pub const XT_INFO: u16 = 3;
 }
 
+/// A netlink message written in safe Rust, for the few messages libnftnl does not build
+/// (conntrack's): the header with an `nfgenmsg`, then attributes, lengths filled in as
+/// each part is closed.
+#[derive(Debug, Clone)]
+pub(crate) struct MsgBuilder {
+    bytes: Vec<u8>,
+    open: Vec<usize>,
+}
+
+impl MsgBuilder {
+    /// A request of `kind` with `flags`, `seq`, for `family` (`nfgen_family`).
+    pub fn new(kind: u16, flags: u16, seq: u32, family: u8) -> Self {
+        let mut bytes = Vec::with_capacity(128);
+        bytes.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, set by finish
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: the kernel's business
+        bytes.extend_from_slice(&[family, 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
+        MsgBuilder {
+            bytes,
+            open: Vec::new(),
+        }
+    }
+
+    /// Appends an attribute with `value`, padded to 4.
+    pub fn attr(&mut self, kind: u16, value: &[u8]) -> &mut Self {
+        let len = (4 + value.len()) as u16;
+        self.bytes.extend_from_slice(&len.to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.to_ne_bytes());
+        self.bytes.extend_from_slice(value);
+        self.pad();
+        self
+    }
+
+    /// Appends an attribute copied whole (header included) from a received message.
+    pub fn raw_attr(&mut self, attr: &[u8]) -> &mut Self {
+        self.bytes.extend_from_slice(attr);
+        self.pad();
+        self
+    }
+
+    /// Opens a nested attribute; [`MsgBuilder::end`] closes it.
+    pub fn begin(&mut self, kind: u16) -> &mut Self {
+        self.open.push(self.bytes.len());
+        self.bytes.extend_from_slice(&0u16.to_ne_bytes());
+        self.bytes
+            .extend_from_slice(&(kind | libc::NLA_F_NESTED as u16).to_ne_bytes());
+        self
+    }
+
+    pub fn end(&mut self) -> &mut Self {
+        if let Some(start) = self.open.pop() {
+            let len = (self.bytes.len() - start) as u16;
+            self.bytes[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        }
+        self
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    /// The message, its length set.
+    pub fn finish(mut self) -> Vec<u8> {
+        while !self.open.is_empty() {
+            self.end();
+        }
+        let len = self.bytes.len() as u32;
+        self.bytes[0..4].copy_from_slice(&len.to_ne_bytes());
+        self.bytes
+    }
+}
+
+/// The attributes of a run, each with its whole bytes (header included), for copying.
+pub(crate) fn raw_attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & nla::TYPE_MASK;
+        if len < 4 || len > rest.len() {
+            rest = &[];
+            return None;
+        }
+        let whole = &rest[..len];
+        rest = rest.get(align4(len)..).unwrap_or(&[]);
+        Some((kind, whole))
+    })
+}
+
 /// One netlink message: header fields and the payload after `nlmsghdr`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Message<'a> {
@@ -121,6 +216,10 @@ impl<'a> Attrs<'a> {
 
 pub(crate) fn be_u32(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.try_into().ok()?))
+}
+
+pub(crate) fn be_u16(v: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(v.try_into().ok()?))
 }
 
 pub(crate) fn be_u64(v: &[u8]) -> Option<u64> {

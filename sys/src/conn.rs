@@ -158,6 +158,55 @@ impl Conn {
         })
     }
 
+    /// Sends the message `build` makes for a sequence number and waits for its ack (or
+    /// error), passing other replies to `on_reply`: for messages built in safe Rust.
+    pub(crate) fn request_raw(
+        &mut self,
+        op: &dyn Fn() -> String,
+        context: Context,
+        build: impl FnOnce(u32) -> Vec<u8>,
+        on_reply: impl FnMut(Message<'_>),
+    ) -> Result<(), Error> {
+        self.request(op, context, |seq, buf| buf.put_bytes(&build(seq)), on_reply)
+    }
+
+    /// Sends the dump request `build` makes and passes every message of the dump to
+    /// `on_msg`. An interrupted dump (`NLM_F_DUMP_INTR`) fails with [`Error::Conflict`].
+    pub(crate) fn dump_raw(
+        &mut self,
+        op: &dyn Fn() -> String,
+        build: impl FnOnce(u32) -> Vec<u8>,
+        mut on_msg: impl FnMut(Message<'_>),
+    ) -> Result<(), Error> {
+        let seq = self.next_seq(1);
+        self.tx.clear();
+        self.tx.put_bytes(&build(seq));
+        self.send(op, Context::Read)?;
+        let mut interrupted = false;
+        self.recv_until(op, Context::Read, |msg| {
+            if msg.seq != seq {
+                return None;
+            }
+            interrupted |= msg.flags & F_DUMP_INTR != 0;
+            match msg.kind as i32 {
+                libc::NLMSG_DONE if interrupted => Some(Err(Error::Conflict {
+                    op: op(),
+                    errno: Errno::EINTR,
+                })),
+                libc::NLMSG_DONE => Some(Ok(())),
+                libc::NLMSG_ERROR => Some(match ack_errno(msg.payload) {
+                    Some(0) => Ok(()),
+                    Some(e) => Err(Error::from_errno(op(), Errno::from_raw(e), Context::Read)),
+                    None => Err(short_ack(op)),
+                }),
+                _ => {
+                    on_msg(msg);
+                    None
+                }
+            }
+        })
+    }
+
     /// The current ruleset generation (`NFT_MSG_GETGEN`). A batch bound to it with
     /// [`Batch::new`] is refused if anything changed the ruleset since.
     pub fn generation(&mut self) -> Result<u32, Error> {

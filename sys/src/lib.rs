@@ -32,6 +32,7 @@ pub mod activation;
 mod attr;
 mod batch;
 mod conn;
+pub mod conntrack;
 mod error;
 mod listen;
 pub mod monitor;

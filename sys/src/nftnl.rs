@@ -80,6 +80,19 @@ impl AlignedBuf {
         self.len = start + ((msg_len + 3) & !3);
     }
 
+    /// Appends a whole message built in safe Rust (see [`crate::attr::MsgBuilder`]).
+    pub fn put_bytes(&mut self, msg: &[u8]) {
+        let start = self.len;
+        let end = start + ((msg.len() + 3) & !3);
+        if self.words.len() * 8 < end {
+            self.words.resize(end.div_ceil(8), 0);
+        }
+        self.len = end;
+        let bytes = self.as_bytes_mut();
+        bytes[start..start + msg.len()].copy_from_slice(msg);
+        bytes[start + msg.len()..end].fill(0);
+    }
+
     /// Appends a message with the nfnetlink header (`nftnl_nlmsg_build_hdr`), then lets
     /// `payload` add the attributes of its object.
     pub fn put(

@@ -200,3 +200,58 @@ fn a_child_process_does_not_inherit_the_netlink_socket() {
     );
     drop(conn);
 }
+
+#[test]
+fn conntrack_entries_redirected_to_a_port_are_listed_and_deleted_one_by_one() {
+    if !privileged() {
+        return;
+    }
+    in_new_netns(|path| {
+        let up = Command::new("nsenter")
+            .arg(format!("--net={path}"))
+            .args(["ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        let mut conn = Conn::open().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut b = Batch::new(None);
+        b.push(Op::AddTable(Family::Ipv4));
+        b.push(Op::AddChain(Family::Ipv4, Chain::Output));
+        let comment = format!("SWITCHEROO:ns=t:port={port}:pid=1:start=1");
+        b.insert_rule(
+            Family::Ipv4,
+            Chain::Output,
+            Redirect::new(8080, port, &comment).unwrap(),
+        );
+        conn.apply(&b).unwrap();
+        // Three connections to 8080, redirected to the listener.
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:8080").unwrap())
+            .collect();
+        let tcp = libc::IPPROTO_TCP as u8;
+        let entries = conn.conntrack_to_port(Family::Ipv4, tcp, port).unwrap();
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        assert!(entries.iter().all(|e| e.reply_port == port));
+        // Nothing is redirected to another port, and UDP has nothing on this one.
+        assert!(conn
+            .conntrack_to_port(Family::Ipv4, tcp, port ^ 1)
+            .unwrap()
+            .is_empty());
+        let udp = libc::IPPROTO_UDP as u8;
+        assert!(conn
+            .conntrack_to_port(Family::Ipv4, udp, port)
+            .unwrap()
+            .is_empty());
+        assert!(conn.delete_conntrack(&entries[0]).unwrap());
+        assert!(!conn.delete_conntrack(&entries[0]).unwrap(), "gone already");
+        assert_eq!(
+            conn.conntrack_to_port(Family::Ipv4, tcp, port)
+                .unwrap()
+                .len(),
+            2
+        );
+        drop(clients);
+    });
+}

@@ -44,9 +44,24 @@ fn classify(e: &io::Error) -> Failure {
     }
 }
 
+/// One request, when the plan asks for a timeline.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When the request started (before connecting, for a new connection).
+    pub at: Instant,
+    /// When it ended (answered or failed).
+    pub done: Instant,
+    /// Whether it opened a new connection (the redirect decides where those go).
+    pub new_connection: bool,
+    /// The pid that answered, or how it failed.
+    pub result: Result<u32, Failure>,
+}
+
 /// Counters shared by the client threads.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Every request, with `Plan::timeline`.
+    pub timeline: Mutex<Vec<Sample>>,
     pub ok: AtomicU64,
     pub failed: AtomicU64,
     /// The first few failures, with what they were.
@@ -127,6 +142,8 @@ pub struct Plan {
     /// kernel's choice (127.0.0.1 for everything).
     pub sources: u32,
     pub timeout: Duration,
+    /// Record every request in `Stats::timeline`.
+    pub timeline: bool,
 }
 
 impl Plan {
@@ -138,6 +155,7 @@ impl Plan {
             pause: Duration::ZERO,
             timeout: Duration::from_secs(10),
             sources: 0,
+            timeline: false,
         }
     }
 }
@@ -184,6 +202,8 @@ fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
     let mut n: u32 = rand_start();
     while !stop.load(Ordering::Relaxed) {
         n = n.wrapping_add(1);
+        let at = Instant::now();
+        let new_connection = !keepalive || conn.is_none();
         let result = if keepalive {
             keepalive_request(plan, &mut conn)
         } else if plan.sources > 0 {
@@ -192,6 +212,15 @@ fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
         } else {
             connect(plan).and_then(|s| request(&mut BufReader::new(s), false).map(|(pid, _)| pid))
         };
+        if plan.timeline {
+            let sample = Sample {
+                at,
+                done: Instant::now(),
+                new_connection,
+                result: result.as_ref().map(|p| *p).map_err(classify),
+            };
+            stats.timeline.lock().unwrap().push(sample);
+        }
         stats.record(result);
         if !plan.pause.is_zero() {
             std::thread::sleep(plan.pause);

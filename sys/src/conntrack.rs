@@ -1,0 +1,184 @@
+//! Connection tracking over ctnetlink (`NFNL_SUBSYS_CTNETLINK`): the entries that still map
+//! connections to a port, and their deletion.
+//!
+//! A REDIRECT is NAT: conntrack binds each connection (or UDP flow) to the port it was
+//! redirected to when its first packet passed, and keeps that binding for the entry's
+//! life. When the process behind that port is gone, an entry that outlives it keeps
+//! feeding it: a TCP entry left in CLOSE by a reset takes a new SYN from a reused client
+//! port and sends it to the dead port (refused), and a UDP flow that resumes goes to a
+//! closed port. Deleting the entries that map to a dead port makes the next packet of such
+//! a tuple a new connection, redirected afresh.
+
+use crate::attr::{self, Attrs, MsgBuilder};
+use crate::error::Context;
+use crate::{Conn, Error, Family};
+use nix::errno::Errno;
+
+/// `linux/netfilter/nfnetlink_conntrack.h`; the libc crate does not carry these.
+mod cta {
+    pub const MSG_CT_NEW: u16 = 0;
+    pub const MSG_CT_GET: u16 = 1;
+    pub const MSG_CT_DELETE: u16 = 2;
+
+    pub const TUPLE_ORIG: u16 = 1;
+    pub const TUPLE_REPLY: u16 = 2;
+    pub const PROTOINFO: u16 = 4;
+    pub const PROTOINFO_TCP: u16 = 1;
+    pub const PROTOINFO_TCP_STATE: u16 = 1;
+    pub const ID: u16 = 12;
+    pub const ZONE: u16 = 18;
+    pub const FILTER: u16 = 25;
+
+    pub const TUPLE_PROTO: u16 = 2;
+    pub const PROTO_NUM: u16 = 1;
+    pub const PROTO_SRC_PORT: u16 = 2;
+
+    pub const FILTER_REPLY_FLAGS: u16 = 2;
+    /// `CTA_FILTER_F_CTA_PROTO_NUM | CTA_FILTER_F_CTA_PROTO_SRC_PORT` (`nf_internals.h`).
+    pub const FILTER_PROTO_NUM_SRC_PORT: u32 = (1 << 3) | (1 << 4);
+}
+
+const CT: u16 = (libc::NFNL_SUBSYS_CTNETLINK as u16) << 8;
+
+/// A conntrack entry whose reply comes from a local port: enough to delete exactly it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The address family.
+    pub family: Family,
+    /// The transport protocol (`IPPROTO_TCP`, `IPPROTO_UDP`).
+    pub protocol: u8,
+    /// The source port of the reply direction: the port the connection was redirected to.
+    pub reply_port: u16,
+    /// For TCP, conntrack's state of the connection (`TCP_CONNTRACK_*`: 3 established,
+    /// 7 TIME_WAIT, 8 CLOSE, ...).
+    pub tcp_state: Option<u8>,
+    /// The `CTA_TUPLE_ORIG` attribute as the kernel sent it.
+    orig: Vec<u8>,
+    /// `CTA_ID` and `CTA_ZONE`, as the kernel sent them.
+    id: Option<Vec<u8>>,
+    zone: Option<Vec<u8>>,
+}
+
+impl Conn {
+    /// The conntrack entries of `family` and `protocol` whose reply comes from local port
+    /// `port`: what was redirected to that port. The dump is filtered by the kernel
+    /// (`CTA_FILTER` on the reply tuple's protocol and source port, Linux 5.8+) and again
+    /// here, for kernels that ignore the filter. Needs CAP_NET_ADMIN.
+    pub fn conntrack_to_port(
+        &mut self,
+        family: Family,
+        protocol: u8,
+        port: u16,
+    ) -> Result<Vec<Entry>, Error> {
+        let op = || format!("dumping the {family} conntrack entries redirected to port {port}");
+        let mut entries = Vec::new();
+        self.dump_raw(
+            &op,
+            |seq| {
+                let mut m = MsgBuilder::new(
+                    CT | cta::MSG_CT_GET,
+                    libc::NLM_F_DUMP as u16,
+                    seq,
+                    family.nfproto(),
+                );
+                m.begin(cta::TUPLE_REPLY)
+                    .begin(cta::TUPLE_PROTO)
+                    .attr(cta::PROTO_NUM, &[protocol])
+                    .attr(cta::PROTO_SRC_PORT, &port.to_be_bytes())
+                    .end()
+                    .end();
+                m.begin(cta::FILTER)
+                    .attr(
+                        cta::FILTER_REPLY_FLAGS,
+                        &cta::FILTER_PROTO_NUM_SRC_PORT.to_ne_bytes(),
+                    )
+                    .end();
+                m.finish()
+            },
+            |msg| {
+                if msg.kind != CT | cta::MSG_CT_NEW {
+                    return;
+                }
+                if let Some(entry) = parse_entry(family, msg.payload) {
+                    if entry.protocol == protocol && entry.reply_port == port {
+                        entries.push(entry);
+                    }
+                }
+            },
+        )?;
+        Ok(entries)
+    }
+
+    /// Deletes exactly `entry` (`IPCTNL_MSG_CT_DELETE` by its original tuple, zone and id,
+    /// so a newer entry of the same tuple is left alone). `Ok(false)`: it was gone already.
+    pub fn delete_conntrack(&mut self, entry: &Entry) -> Result<bool, Error> {
+        let op = || {
+            format!(
+                "deleting a {} conntrack entry redirected to port {}",
+                entry.family, entry.reply_port
+            )
+        };
+        let result = self.request_raw(
+            &op,
+            Context::Read,
+            |seq| {
+                let mut m = MsgBuilder::new(
+                    CT | cta::MSG_CT_DELETE,
+                    libc::NLM_F_ACK as u16,
+                    seq,
+                    entry.family.nfproto(),
+                );
+                m.raw_attr(&entry.orig);
+                for attr in [&entry.zone, &entry.id].into_iter().flatten() {
+                    m.raw_attr(attr);
+                }
+                m.finish()
+            },
+            |_| {},
+        );
+        match result {
+            Ok(()) => Ok(true),
+            Err(Error::Kernel {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An entry from a ctnetlink message payload (after `nlmsghdr`).
+fn parse_entry(family: Family, payload: &[u8]) -> Option<Entry> {
+    if attr::nfgen_family(payload)? != family.nfproto() {
+        return None;
+    }
+    let body = payload.get(4..)?;
+    let (mut orig, mut id, mut zone, mut reply, mut tcp_state) = (None, None, None, None, None);
+    for (kind, whole) in attr::raw_attrs(body) {
+        match kind {
+            cta::TUPLE_ORIG => orig = Some(whole.to_vec()),
+            cta::ID => id = Some(whole.to_vec()),
+            cta::ZONE => zone = Some(whole.to_vec()),
+            cta::TUPLE_REPLY => reply = Some(whole.get(4..)?),
+            cta::PROTOINFO => {
+                tcp_state = Attrs(whole.get(4..)?)
+                    .get(cta::PROTOINFO_TCP)
+                    .and_then(|tcp| Attrs(tcp).get(cta::PROTOINFO_TCP_STATE))
+                    .and_then(|state| state.first().copied());
+            }
+            _ => {}
+        }
+    }
+    let proto = Attrs(reply?).get(cta::TUPLE_PROTO)?;
+    let protocol = *Attrs(proto).get(cta::PROTO_NUM)?.first()?;
+    let reply_port = attr::be_u16(Attrs(proto).get(cta::PROTO_SRC_PORT)?)?;
+    Some(Entry {
+        family,
+        protocol,
+        reply_port,
+        tcp_state,
+        orig: orig?,
+        id,
+        zone,
+    })
+}
