@@ -701,3 +701,242 @@ fn a_server_that_only_takes_a_port_binds_it_itself() {
         first.log
     );
 }
+
+/// `hello` under `switcheroo run` in namespace `web` on port 8080, with `extra` options.
+fn run_hello(ns: &Netns, extra: &[&str]) -> Hello {
+    let hello = common::example("hello");
+    let hello = hello.to_str().unwrap();
+    let mut args = vec!["-n", "web", "-p", "8080", "--range", "41400-41499"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", hello]);
+    run(ns, &args)
+}
+
+/// Load on 127.0.0.1:8080 and [::1]:8080, every request recorded.
+fn timeline_load(ns: &Netns) -> Vec<load::Load> {
+    ns.enter(|| {
+        ["127.0.0.1:8080", "[::1]:8080"]
+            .iter()
+            .map(|t| {
+                let mut plan = load::Plan::new(addr(t));
+                plan.close_clients = 2;
+                plan.keepalive_clients = 1;
+                plan.timeline = true;
+                load::Load::start(&plan)
+            })
+            .collect()
+    })
+}
+
+fn stop_timeline(loads: Vec<load::Load>) -> Vec<load::Sample> {
+    let mut all: Vec<load::Sample> = loads
+        .into_iter()
+        .flat_map(|l| l.stop().timeline.lock().unwrap().clone())
+        .collect();
+    all.sort_by_key(|s| s.at);
+    all
+}
+
+#[test]
+fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut old = run_hello(&ns, &[]);
+    let old_server = server_pid(&mut old);
+    let loads = timeline_load(&ns);
+    std::thread::sleep(Duration::from_millis(300));
+    let new = run_hello(&ns, &["--probation", "60s", "--ready", "http:/"]);
+    old.line("[");
+    let demoted = format!("pid {} now takes new connections before", new.pid);
+    wait_for_line(&mut old, &demoted);
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for_line(&mut old, "takes every new connection again");
+    let restored = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    let samples = stop_timeline(loads);
+    let during = samples
+        .iter()
+        .filter(|s| s.result.is_err() && s.done >= killed)
+        .count();
+    let after: Vec<_> = samples.iter().filter(|s| s.at > restored).collect();
+    eprintln!(
+        "{} requests; {during} failed during the crash ({:?} from SIGKILL to the old wrapper's report); {} after it",
+        samples.len(),
+        restored - killed,
+        after.len()
+    );
+    assert!(after.len() > 100);
+    for s in &after {
+        assert_eq!(s.result, Ok(old_server), "after the rollback: {s:?}");
+    }
+    assert!(samples.iter().all(|s| s.result.is_ok() || s.done >= killed));
+    let out = switcheroo(&ns, &["status", "--json", "-n", "web"]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(json.matches("\"role\":\"active\"").count(), 4, "{json}");
+    assert_eq!(
+        json.matches(&format!("\"pid\":{}", old.pid)).count(),
+        4,
+        "{json}"
+    );
+}
+
+/// Waits up to 10 s for a line of `h` that contains `text`.
+fn wait_for_line(h: &mut Hello, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = h.log.iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line with {text:?}: {:?}",
+            h.log
+        );
+        h.wait_exit(Duration::from_millis(20));
+    }
+}
+
+/// A server on fd 3 (socket activation) whose /healthz answers 200 twice, then 500.
+const FAILING_HEALTH: &str = r#"
+import http.server, os, socket
+count = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global count
+        code = 200
+        if self.path == "/healthz":
+            count += 1
+            code = 200 if count <= 2 else 500
+        body = "hello from pid {} port {}".format(os.getpid(), os.environ["SWITCHEROO_PORT"]).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("::", 0), H, bind_and_activate=False)
+server.socket = socket.socket(fileno=3)
+server.serve_forever()
+"#;
+
+#[test]
+fn failed_health_checks_during_the_probation_roll_back_and_run_exits_4() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut old = run_hello(&ns, &[]);
+    let old_server = server_pid(&mut old);
+    let mut new = run(
+        &ns,
+        &[
+            "-n",
+            "web",
+            "-p",
+            "8080",
+            "--range",
+            "41400-41499",
+            "--probation",
+            "60s",
+            "--ready",
+            "http:/healthz",
+            "--",
+            "python3",
+            "-c",
+            FAILING_HEALTH,
+        ],
+    );
+    let status = new.wait_exit(Duration::from_secs(20)).expect("rolled back");
+    assert_eq!(status.code(), Some(4), "{:?}", new.log);
+    let log = new.log.join("\n");
+    assert!(log.contains("3 health checks in a row failed"), "{log}");
+    assert!(
+        log.contains("was rolled back") && log.contains(&format!("pid {} serves now", old.pid)),
+        "{log}"
+    );
+    let (status, body) = ns.enter(|| get(addr("127.0.0.1:8080"), "/")).unwrap();
+    assert_eq!((status, pid_of(&body)), (200, old_server));
+    assert!(
+        old.wait_exit(Duration::from_millis(100)).is_none(),
+        "the old one serves on"
+    );
+}
+
+#[test]
+fn rollback_canary_and_promote_through_the_command() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut old = run_hello(&ns, &[]);
+    let old_server = server_pid(&mut old);
+    let mut new = run_hello(&ns, &["--probation", "60s"]);
+    // Rolled back by hand: the new run exits 4 and says who serves.
+    let out = switcheroo(&ns, &["rollback", "-n", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "rolled back from pid {} to pid {}",
+            new.pid, old.pid
+        )),
+        "{}",
+        text(&out)
+    );
+    let status = new.wait_exit(Duration::from_secs(15)).expect("exits");
+    assert_eq!(status.code(), Some(4), "{:?}", new.log);
+    assert!(
+        new.log
+            .iter()
+            .any(|l| l.contains("was rolled back")
+                && l.contains(&format!("pid {} serves now", old.pid))),
+        "{:?}",
+        new.log
+    );
+    // Nothing more to roll back to: exit 1, the ruleset unchanged.
+    let before = ns.rule_lines();
+    let out = switcheroo(&ns, &["rollback", "-n", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("nothing to roll back to"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(ns.rule_lines(), before);
+    let (_, body) = ns.enter(|| get(addr("127.0.0.1:8080"), "/")).unwrap();
+    assert_eq!(pid_of(&body), old_server);
+
+    // A 25% canary: status shows its role and weight; promote makes it the active, and
+    // without a probation of its own the old one retires at once.
+    let mut canary = run_hello(&ns, &["--canary", "25"]);
+    let out = switcheroo(&ns, &["status", "--json", "-n", "web"]);
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        json.matches("\"role\":\"canary\",\"weight\":25").count(),
+        4,
+        "{json}"
+    );
+    let table = String::from_utf8_lossy(&switcheroo(&ns, &["status"]).stdout).into_owned();
+    assert!(table.contains("canary 25%"), "{table}");
+    let out = switcheroo(&ns, &["promote", "-n", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("pid {} is the active now", canary.pid)),
+        "{}",
+        text(&out)
+    );
+    old.expect_clean_exit("the previous active after the promotion");
+    let canary_server = server_pid(&mut canary);
+    let (_, body) = ns.enter(|| get(addr("127.0.0.1:8080"), "/")).unwrap();
+    assert_eq!(pid_of(&body), canary_server);
+    let out = switcheroo(&ns, &["promote", "-n", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no live canary"), "{}", text(&out));
+}

@@ -567,18 +567,6 @@ impl Wrapper {
                 self.name
             );
         }
-        if let (Some(d), false) = (config.probation, report.kept.is_empty()) {
-            if config.canary.is_none() {
-                info!(
-                    "probation of {d:?}: pid {:?} stays warm below",
-                    report
-                        .kept
-                        .iter()
-                        .filter_map(|r| r.pid)
-                        .collect::<std::collections::BTreeSet<_>>()
-                );
-            }
-        }
         match Tenure::new(&self.sw, &report) {
             Ok(tenure) => self.tenure = Some(tenure),
             // The switch is done and serves; only the watch over it is missing.
@@ -604,6 +592,10 @@ impl Wrapper {
             match self.events.next(deadline, self.tenure.as_ref()) {
                 Event::ChildExited(status) => return self.server_exited(config, status),
                 Event::Signal(signal) if STOP.contains(&signal) => {
+                    // A deployer or `switcheroo rollback` deletes the rules before it
+                    // sends SIGTERM, so their notification is already here: learn which
+                    // it was (a rollback sets the exit status).
+                    let _ = self.follow_tenure();
                     // An operator's stop while serving: leave the chain first, so that an
                     // instance below takes new connections at once. Replaced or rolled
                     // back, the rules are gone already and this does nothing.
