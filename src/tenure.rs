@@ -92,6 +92,33 @@ struct Probation {
 
 /// This instance's watch over its place in the chain after its commit: see [`Tenure::new`]
 /// and the README's "When a release is bad".
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use switcheroo::{Change, Shutdown, Switcheroo, Tenure, Wake};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let shutdown = Shutdown::install()?;
+/// let sw = Switcheroo::builder("myapp", 8080).build()?;
+/// let (listener, takeover) = sw.begin()?;
+/// // ... serve on the listener ...
+/// let report = takeover.probation(Duration::from_secs(600)).commit()?;
+/// let mut tenure = Tenure::new(&sw, &report)?;
+/// loop {
+///     match tenure.wait(&shutdown)? {
+///         Wake::Signal(_) => {
+///             tenure.resign()?; // stopped while serving: the standby takes over at once
+///             break;
+///         }
+///         Wake::Change(Change::Removed { .. }) => break, // replaced or rolled back
+///         Wake::Change(other) => eprintln!("{other:?}"), // standby, active again, ...
+///     }
+/// }
+/// // ... drain the listener, finish, exit 0 ...
+/// # drop(listener);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Tenure {
     sw: Switcheroo,
