@@ -144,16 +144,26 @@ fn a_probation_that_passes_retires_the_old_instance_and_fails_nothing() {
     }
     let ns = Netns::new();
     let mut old = ns.hello(&[]);
+    let mut kept = ns
+        .enter(|| common::KeepAlive::connect("127.0.0.1:8080".parse().unwrap()))
+        .unwrap();
     let loads = start_load(&ns);
     std::thread::sleep(Duration::from_millis(300));
     let mut new = ns.hello(&["--probation", "1500ms"]);
     old.line("place below pid=");
-    // Warm during the probation: not shutting down.
+    // Warm during the probation: not shutting down, so a keep-alive connection it holds
+    // is served as before, without `Connection: close`.
     std::thread::sleep(Duration::from_millis(700));
     assert!(
         !old.log.iter().any(|l| l.starts_with("retiring")),
         "{:?}",
         old.log
+    );
+    let r = kept.get("/").unwrap();
+    assert_eq!(
+        (common::pid_of(&r.body), r.close),
+        (old.pid, false),
+        "{r:?}"
     );
     new.line("probation passed retired=");
     old.expect_clean_exit("the old instance after the probation");
@@ -260,6 +270,16 @@ fn a_canary_of_20_percent_takes_17_to_23_percent_of_new_connections() {
         .take(4000)
         .collect();
     assert_eq!(fresh.len(), 4000, "4,000 new connections");
+    // iptables-nft reads the canary's rule as an ordinary rule.
+    let lines = ns.rule_lines();
+    let statistic = lines
+        .iter()
+        .filter(|l| {
+            l.contains("-m statistic --mode random --probability 0.20000000019 -m comment")
+                && l.contains(&format!("pid={}:", canary.pid))
+        })
+        .count();
+    assert_eq!(statistic, 4, "{lines:#?}");
     let to_canary = fresh.iter().filter(|s| s.result == Ok(canary.pid)).count();
     let to_active = fresh.iter().filter(|s| s.result == Ok(active.pid)).count();
     let share = to_canary as f64 / 4000.0 * 100.0;
