@@ -8,6 +8,7 @@ use nix::sys::socket::{
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener};
 use std::ops::RangeInclusive;
+use std::os::fd::OwnedFd;
 
 /// Binds a listener on a free port of `range`, starting at a random offset so that
 /// instances started together spread out, and skipping `taken` (ports that rules of this
@@ -68,32 +69,7 @@ pub(crate) fn in_use(port: u16) -> bool {
 /// Binds `port` with `SO_REUSEADDR`, dual-stack where the host has IPv6, without
 /// listening; the socket is closed at once.
 fn bind_only(port: u16) -> Result<(), Errno> {
-    let v6 = socket::socket(
-        AddressFamily::Inet6,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .and_then(|fd| {
-        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
-        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
-        socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
-    });
-    match v6 {
-        Err(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL) => {
-            let fd = socket::socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-            socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)
-        }
-        other => other,
-    }
+    bound(port, true, false).map(drop)
 }
 
 /// Whether nothing at all uses `port`, not even a connection in TIME_WAIT.
@@ -102,40 +78,39 @@ fn is_clean(port: u16) -> bool {
 }
 
 fn bind(port: u16, reuse: bool) -> Result<TcpListener, Errno> {
-    match bind_dual_stack(port, reuse) {
+    bound(port, reuse, true).map(TcpListener::from)
+}
+
+/// A TCP socket bound to `port` on every address, dual-stack (`[::]` with `IPV6_V6ONLY`
+/// off), or IPv4 only where the host has IPv6 disabled; listening if `listen`.
+fn bound(port: u16, reuse: bool, listen: bool) -> Result<OwnedFd, Errno> {
+    let v6 = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+    match bound_to(AddressFamily::Inet6, &v6, reuse, listen) {
         // No IPv6 on this host (disabled by sysctl or boot option): IPv4 only.
-        Err(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL) => bind_ipv4(port, reuse),
+        Err(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL) => {
+            let v4 = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+            bound_to(AddressFamily::Inet, &v4, reuse, listen)
+        }
         other => other,
     }
 }
 
-fn bind_dual_stack(port: u16, reuse: bool) -> Result<TcpListener, Errno> {
-    let fd = socket::socket(
-        AddressFamily::Inet6,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+fn bound_to(
+    family: AddressFamily,
+    addr: &dyn socket::SockaddrLike,
+    reuse: bool,
+    listen: bool,
+) -> Result<OwnedFd, Errno> {
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    if family == AddressFamily::Inet6 {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
     socket::setsockopt(&fd, sockopt::ReuseAddr, &reuse)?;
-    let addr = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    socket::listen(&fd, Backlog::MAXCONN)?;
-    Ok(TcpListener::from(fd))
-}
-
-fn bind_ipv4(port: u16, reuse: bool) -> Result<TcpListener, Errno> {
-    let fd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &reuse)?;
-    let addr = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
-    socket::listen(&fd, Backlog::MAXCONN)?;
-    Ok(TcpListener::from(fd))
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), addr)?;
+    if listen {
+        socket::listen(&fd, Backlog::MAXCONN)?;
+    }
+    Ok(fd)
 }
 
 #[cfg(test)]

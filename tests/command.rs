@@ -712,31 +712,6 @@ fn run_hello(ns: &Netns, extra: &[&str]) -> Hello {
     run(ns, &args)
 }
 
-/// Load on 127.0.0.1:8080 and [::1]:8080, every request recorded.
-fn timeline_load(ns: &Netns) -> Vec<load::Load> {
-    ns.enter(|| {
-        ["127.0.0.1:8080", "[::1]:8080"]
-            .iter()
-            .map(|t| {
-                let mut plan = load::Plan::new(addr(t));
-                plan.close_clients = 2;
-                plan.keepalive_clients = 1;
-                plan.timeline = true;
-                load::Load::start(&plan)
-            })
-            .collect()
-    })
-}
-
-fn stop_timeline(loads: Vec<load::Load>) -> Vec<load::Sample> {
-    let mut all: Vec<load::Sample> = loads
-        .into_iter()
-        .flat_map(|l| l.stop().timeline.lock().unwrap().clone())
-        .collect();
-    all.sort_by_key(|s| s.at);
-    all
-}
-
 #[test]
 fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     if !require_root() {
@@ -745,7 +720,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     let ns = Netns::new();
     let mut old = run_hello(&ns, &[]);
     let old_server = server_pid(&mut old);
-    let loads = timeline_load(&ns);
+    let loads = ns.enter(load::timeline_on_both_loopbacks);
     std::thread::sleep(Duration::from_millis(300));
     let new = run_hello(&ns, &["--probation", "60s", "--ready", "http:/"]);
     old.line("[");
@@ -761,7 +736,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     wait_for_line(&mut old, "takes every new connection again");
     let restored = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    let samples = stop_timeline(loads);
+    let samples = load::stop_all(loads);
     let during = samples
         .iter()
         .filter(|s| s.result.is_err() && s.done >= killed)

@@ -10,31 +10,12 @@ use common::{require_root, Hello, Netns};
 use std::time::{Duration, Instant};
 use switcheroo::{Role, Rule, Switcheroo};
 
-/// Load on 127.0.0.1:8080 and [::1]:8080: two clients with a new connection per request
-/// and one keep-alive client each, recording every request.
 fn start_load(ns: &Netns) -> Vec<load::Load> {
-    ns.enter(|| {
-        ["127.0.0.1:8080", "[::1]:8080"]
-            .iter()
-            .map(|t| {
-                let mut plan = load::Plan::new(t.parse().unwrap());
-                plan.close_clients = 2;
-                plan.keepalive_clients = 1;
-                plan.timeline = true;
-                load::Load::start(&plan)
-            })
-            .collect()
-    })
+    ns.enter(load::timeline_on_both_loopbacks)
 }
 
-/// Stops the loads; every request they made, in start order.
 fn stop_load(loads: Vec<load::Load>) -> Vec<load::Sample> {
-    let mut all: Vec<load::Sample> = loads
-        .into_iter()
-        .flat_map(|l| l.stop().timeline.lock().unwrap().clone())
-        .collect();
-    all.sort_by_key(|s| s.at);
-    all
+    load::stop_all(loads)
 }
 
 fn failures(samples: &[load::Sample]) -> Vec<&load::Sample> {

@@ -172,15 +172,15 @@ impl Conn {
 
     /// Sends the dump request `build` makes and passes every message of the dump to
     /// `on_msg`. An interrupted dump (`NLM_F_DUMP_INTR`) fails with [`Error::Conflict`].
-    pub(crate) fn dump_raw(
+    fn dump(
         &mut self,
         op: &dyn Fn() -> String,
-        build: impl FnOnce(u32) -> Vec<u8>,
+        build: impl FnOnce(u32, &mut AlignedBuf),
         mut on_msg: impl FnMut(Message<'_>),
     ) -> Result<(), Error> {
         let seq = self.next_seq(1);
         self.tx.clear();
-        self.tx.put_bytes(&build(seq));
+        build(seq, &mut self.tx);
         self.send(op, Context::Read)?;
         let mut interrupted = false;
         self.recv_until(op, Context::Read, |msg| {
@@ -205,6 +205,16 @@ impl Conn {
                 }
             }
         })
+    }
+
+    /// [`Conn::dump`] of a request built in safe Rust.
+    pub(crate) fn dump_raw(
+        &mut self,
+        op: &dyn Fn() -> String,
+        build: impl FnOnce(u32) -> Vec<u8>,
+        on_msg: impl FnMut(Message<'_>),
+    ) -> Result<(), Error> {
+        self.dump(op, |seq, buf| buf.put_bytes(&build(seq)), on_msg)
     }
 
     /// The current ruleset generation (`NFT_MSG_GETGEN`). A batch bound to it with
@@ -246,48 +256,30 @@ impl Conn {
     /// [`Error::Conflict`].
     pub fn list_rules(&mut self, family: Family, chain: Chain) -> Result<Vec<RuleEntry>, Error> {
         let op = || format!("dumping rules of {family} {TABLE} {chain}");
-        let seq = self.next_seq(1);
-        self.tx.clear();
-        let filter = rule_in(chain);
-        self.tx.put(
-            libc::NFT_MSG_GETRULE as u16,
-            family.nfproto(),
-            F_DUMP,
-            seq,
-            Some(&filter),
-        );
-        self.send(&op, Context::Read)?;
         let mut rules = Vec::new();
-        let mut interrupted = false;
-        self.recv_until(&op, Context::Read, |msg| {
-            if msg.seq != seq {
-                return None;
-            }
-            interrupted |= msg.flags & F_DUMP_INTR != 0;
-            match msg.kind as i32 {
-                libc::NLMSG_DONE if interrupted => Some(Err(Error::Conflict {
-                    op: op(),
-                    errno: Errno::EINTR,
-                })),
-                libc::NLMSG_DONE => Some(Ok(())),
-                libc::NLMSG_ERROR => Some(match ack_errno(msg.payload) {
-                    Some(0) => Ok(()),
-                    Some(e) => Err(Error::from_errno(op(), Errno::from_raw(e), Context::Read)),
-                    None => Err(short_ack(&op)),
-                }),
-                _ => {
-                    if msg.kind == MSG_NEWRULE {
-                        // Filtered in the kernel; the check keeps a surprise out anyway.
-                        if let Some(rule) = parse_rule_message(msg.payload)
-                            .filter(|r| r.family == family && r.chain == chain)
-                        {
-                            rules.push(rule);
-                        }
+        self.dump(
+            &op,
+            |seq, buf| {
+                let filter = rule_in(chain);
+                buf.put(
+                    libc::NFT_MSG_GETRULE as u16,
+                    family.nfproto(),
+                    F_DUMP,
+                    seq,
+                    Some(&filter),
+                );
+            },
+            |msg| {
+                if msg.kind == MSG_NEWRULE {
+                    // Filtered in the kernel; the check keeps a surprise out anyway.
+                    if let Some(rule) = parse_rule_message(msg.payload)
+                        .filter(|r| r.family == family && r.chain == chain)
+                    {
+                        rules.push(rule);
                     }
-                    None
                 }
-            }
-        })?;
+            },
+        )?;
         Ok(rules)
     }
 

@@ -160,6 +160,32 @@ impl Plan {
     }
 }
 
+/// Loads on 127.0.0.1:8080 and [::1]:8080, each with two clients that open a new
+/// connection per request and one keep-alive client, recording every request. Call it
+/// from a thread inside the server's network namespace.
+pub fn timeline_on_both_loopbacks() -> Vec<Load> {
+    ["127.0.0.1:8080", "[::1]:8080"]
+        .iter()
+        .map(|t| {
+            let mut plan = Plan::new(t.parse().expect("address"));
+            plan.close_clients = 2;
+            plan.keepalive_clients = 1;
+            plan.timeline = true;
+            Load::start(&plan)
+        })
+        .collect()
+}
+
+/// Stops `loads`; every request they made, in start order.
+pub fn stop_all(loads: Vec<Load>) -> Vec<Sample> {
+    let mut all: Vec<Sample> = loads
+        .into_iter()
+        .flat_map(|l| l.stop().timeline.lock().unwrap().clone())
+        .collect();
+    all.sort_by_key(|s| s.at);
+    all
+}
+
 /// Running load; `stop` ends it and returns the counters.
 pub struct Load {
     stop: Arc<AtomicBool>,
