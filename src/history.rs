@@ -3,71 +3,17 @@
 //! roles the rules' positions give (see [`crate::Role`]).
 
 use crate::comment::Identity;
-use crate::owner::terminate_owners;
+use crate::deploy::{chains, live_plain};
+use crate::owner::terminate_all;
 use crate::role::Role;
+use crate::rule::owners;
 use crate::rule::Rule;
 use crate::snapshot::Snapshot;
 use crate::switcheroo::Switcheroo;
 use crate::transaction::{Transaction, MAX_ATTEMPTS};
 use crate::{comment, Error, Result};
 use log::info;
-use switcheroo_sys::{Chain, Conn, Family, Op, Redirect};
-
-/// How a deploy treats the instances already in the chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Deploy {
-    /// The new instance takes every new connection; every older rule goes.
-    Replace,
-    /// The new instance takes every new connection; the previous active stays below as
-    /// the standby, everything else goes.
-    Probation,
-    /// The new instance takes a share of new connections above the active; the active and
-    /// the standby stay, an earlier canary goes.
-    Canary,
-}
-
-/// The rules of `snap`, chain by chain, top down.
-pub(crate) fn chains(snap: &Snapshot) -> Vec<((Family, Chain), Vec<&Rule>)> {
-    let mut out: Vec<((Family, Chain), Vec<&Rule>)> = Vec::new();
-    for rule in &snap.ours {
-        let place = (rule.family, rule.chain);
-        match out.last_mut() {
-            Some((p, rules)) if *p == place => rules.push(rule),
-            _ => out.push((place, vec![rule])),
-        }
-    }
-    out
-}
-
-/// The live plain rules of one chain, top down: the active first, then the standby.
-fn live_plain<'a>(rules: &[&'a Rule]) -> Vec<&'a Rule> {
-    rules
-        .iter()
-        .copied()
-        .filter(|r| r.alive && r.weight.is_none())
-        .collect()
-}
-
-/// The rules a deploy of `how` keeps below the new one: per chain, the first two live
-/// plain rules for a canary, the first one for a probation, none for a plain deploy.
-/// Everything else of the namespace is deleted by the same transaction.
-pub(crate) fn kept_by(snap: &Snapshot, how: Deploy) -> Vec<Rule> {
-    let keep = match how {
-        Deploy::Replace => 0,
-        Deploy::Probation => 1,
-        Deploy::Canary => 2,
-    };
-    chains(snap)
-        .into_iter()
-        .flat_map(|(_, rules)| {
-            live_plain(&rules)
-                .into_iter()
-                .take(keep)
-                .cloned()
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
+use switcheroo_sys::{Conn, Family, Op, Redirect};
 
 /// What [`Switcheroo::rollback`] and [`rollback`](crate::rollback) did.
 #[derive(Debug, Clone)]
@@ -177,7 +123,7 @@ fn rollback_in(
         from.unwrap_or(0),
         serving.unwrap_or(0)
     );
-    let signalled = terminate_owners(&outcome.removed);
+    let signalled = terminate_all(owners(&outcome.removed));
     Ok(Rollback {
         from,
         removed: outcome.removed,
@@ -251,7 +197,7 @@ fn promote_in(
         .filter(|r| r.pid != Some(promoted))
         .cloned()
         .collect();
-    let signalled = terminate_owners(&others);
+    let signalled = terminate_all(owners(&others));
     Ok(Promotion {
         promoted,
         standby,

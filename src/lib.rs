@@ -54,6 +54,7 @@
 
 pub mod activation;
 mod comment;
+mod deploy;
 mod drain;
 mod duration;
 mod error;

@@ -3,7 +3,6 @@
 
 use crate::comment::Identity;
 use crate::process::Stat;
-use crate::rule::Rule;
 use log::{info, warn};
 use nix::errno::Errno;
 use switcheroo_sys::PidFd;
@@ -95,11 +94,8 @@ fn libc_sigterm() -> i32 {
     nix::sys::signal::Signal::SIGTERM as i32
 }
 
-/// SIGTERMs the distinct owners of `removed`, each after its identity check.
-pub(crate) fn terminate_owners(removed: &[Rule]) -> Vec<u32> {
-    let mut owners: Vec<Identity> = removed.iter().filter_map(Rule::identity).collect();
-    owners.sort_by_key(|id| (id.pid, id.start));
-    owners.dedup_by_key(|id| (id.pid, id.start));
+/// SIGTERMs each of `owners`, after its identity check; returns the pids signalled.
+pub(crate) fn terminate_all(owners: Vec<Identity>) -> Vec<u32> {
     let mut signalled = Vec::new();
     for id in owners {
         match terminate(&id) {

@@ -12,7 +12,6 @@
 //! Roles are read from positions, so any process that can read the ruleset knows them, and
 //! a process killed at any moment leaves a state the next one can read.
 
-use crate::rule::Rule;
 use std::fmt;
 
 /// The place of a rule in its chain among its namespace's rules.
@@ -38,38 +37,5 @@ impl fmt::Display for Role {
             Role::Standby => "standby",
             Role::Extra => "extra",
         })
-    }
-}
-
-/// Gives each rule of `chain_rules` (one chain's switcheroo rules, top down, of any
-/// namespaces) its role among the rules of its own namespace. A dead owner's rule keeps
-/// its place: it still catches the connections of that place.
-pub(crate) fn assign(chain_rules: &mut [Rule]) {
-    let mut namespaces: Vec<String> = Vec::new();
-    for rule in chain_rules.iter() {
-        if !namespaces.contains(&rule.namespace) {
-            namespaces.push(rule.namespace.clone());
-        }
-    }
-    for namespace in namespaces {
-        let mut plain = 0;
-        let mut canary = false;
-        for rule in chain_rules.iter_mut().filter(|r| r.namespace == namespace) {
-            rule.role = if rule.weight.is_some() {
-                if plain == 0 && !canary {
-                    canary = true;
-                    Role::Canary
-                } else {
-                    Role::Extra
-                }
-            } else {
-                plain += 1;
-                match plain {
-                    1 => Role::Active,
-                    2 => Role::Standby,
-                    _ => Role::Extra,
-                }
-            };
-        }
     }
 }

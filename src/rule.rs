@@ -51,7 +51,7 @@ impl Rule {
             .map(|_| (redirect.share() * 10_000.0).round() / 100.0);
         Some(Rule {
             alive: owner::is_alive(&id),
-            role: Role::Active, // until `role::assign` sees the whole chain
+            role: Role::Active, // until `assign_roles` sees the whole chain
             weight,
             namespace: id.namespace,
             family: entry.family,
@@ -92,4 +92,45 @@ impl Rule {
             (true, role, _) => role.to_string(),
         }
     }
+}
+
+/// Gives each rule of `chain_rules` (one chain's switcheroo rules, top down, of any
+/// namespaces) its role among the rules of its own namespace. A dead owner's rule keeps
+/// its place: it still catches the connections of that place.
+pub(crate) fn assign_roles(chain_rules: &mut [Rule]) {
+    let mut namespaces: Vec<String> = Vec::new();
+    for rule in chain_rules.iter() {
+        if !namespaces.contains(&rule.namespace) {
+            namespaces.push(rule.namespace.clone());
+        }
+    }
+    for namespace in namespaces {
+        let mut plain = 0;
+        let mut canary = false;
+        for rule in chain_rules.iter_mut().filter(|r| r.namespace == namespace) {
+            rule.role = if rule.weight.is_some() {
+                if plain == 0 && !canary {
+                    canary = true;
+                    Role::Canary
+                } else {
+                    Role::Extra
+                }
+            } else {
+                plain += 1;
+                match plain {
+                    1 => Role::Active,
+                    2 => Role::Standby,
+                    _ => Role::Extra,
+                }
+            };
+        }
+    }
+}
+
+/// The distinct owners of `rules`.
+pub(crate) fn owners(rules: &[Rule]) -> Vec<Identity> {
+    let mut ids: Vec<Identity> = rules.iter().filter_map(Rule::identity).collect();
+    ids.sort_by_key(|id| (id.pid, id.start));
+    ids.dedup_by_key(|id| (id.pid, id.start));
+    ids
 }

@@ -1,7 +1,6 @@
 //! A namespace's rules as the kernel holds them, read in one go.
 
 use crate::record::{Key, Record, Records};
-use crate::role;
 use crate::rule::Rule;
 use log::debug;
 use switcheroo_sys::{Chain, Conn, Error, Family};
@@ -64,7 +63,7 @@ pub(crate) fn read(
                 .into_iter()
                 .filter_map(|entry| Rule::from_entry(entry, namespace))
                 .collect();
-            role::assign(&mut rules);
+            crate::rule::assign_roles(&mut rules);
             snap.ours.extend(rules);
         }
     }
@@ -132,7 +131,7 @@ fn from_record(
                         .iter()
                         .take_while(|r| (r.family, r.chain) == (family, chain))
                         .count();
-                role::assign(&mut ours[start..end]);
+                crate::rule::assign_roles(&mut ours[start..end]);
             }
         }
     }

@@ -2,9 +2,10 @@
 //! every older rule of the namespace, then the termination of their owners.
 
 use crate::comment::Identity;
-use crate::history::{self, Deploy};
-use crate::owner::{self, terminate_owners};
+use crate::deploy::{self, Deploy};
+use crate::owner::{self, terminate_all};
 use crate::role::Role;
+use crate::rule::owners;
 use crate::rule::Rule;
 use crate::{Error, Result, Switcheroo};
 use log::info;
@@ -130,7 +131,7 @@ impl Takeover {
 
         let outcome = sw.with_conn(|conn, recorded| {
             sw.transaction(recorded, &wanted).run(conn, |snap, batch| {
-                let kept = history::kept_by(snap, how);
+                let kept = deploy::kept_by(snap, how);
                 if how == Deploy::Canary {
                     // Every chain the canary enters needs an active to share with.
                     let all_have_active = Family::ALL.into_iter().all(|f| {
@@ -190,7 +191,7 @@ impl Takeover {
             .filter(|r| !kept.iter().any(|k| k.pid == r.pid && k.start == r.start))
             .cloned()
             .collect();
-        let signalled = terminate_owners(&leaving);
+        let signalled = terminate_all(owners(&leaving));
         Ok(Report {
             port: self.port,
             inserted: outcome.inserted,

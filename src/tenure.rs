@@ -18,8 +18,9 @@
 
 use crate::comment::Identity;
 use crate::history;
-use crate::owner::{self, terminate_owners};
+use crate::owner::{self, terminate_all};
 use crate::role::Role;
+use crate::rule::owners;
 use crate::rule::Rule;
 use crate::takeover::Report;
 use crate::transaction;
@@ -455,7 +456,7 @@ impl Tenure {
 
     fn end_probation(&mut self, standby: &[Identity]) -> Result<Change> {
         let removed = history::remove(&self.sw, |r| standby.iter().any(|id| r.owned_by(id)))?;
-        let retired = terminate_owners(&removed);
+        let retired = terminate_all(owners(&removed));
         info!(
             "namespace {}: probation over; retired {retired:?}",
             self.me.namespace
@@ -463,15 +464,6 @@ impl Tenure {
         self.stale = true;
         Ok(Change::ProbationPassed { retired })
     }
-}
-
-/// The distinct owners of `rules`.
-fn owners(rules: &[Rule]) -> Vec<Identity> {
-    let mut ids: Vec<Identity> = rules.iter().filter_map(Rule::identity).collect();
-    ids.dedup();
-    ids.sort_by_key(|id| (id.pid, id.start));
-    ids.dedup();
-    ids
 }
 
 /// Whether `fd` is readable now.

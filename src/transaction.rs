@@ -267,7 +267,7 @@ fn after(inserted: &[Rule], kept: Vec<Rule>) -> Vec<Rule> {
             // Inserted in batch order at the head: the last insert is the top one.
             rules.extend(inserted.iter().rev().filter(here).cloned());
             rules.extend(kept.iter().filter(here).cloned());
-            crate::role::assign(&mut rules[start..]);
+            crate::rule::assign_roles(&mut rules[start..]);
         }
     }
     rules
