@@ -18,7 +18,7 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A rule with a statistic match above the active: it takes a share of new
-    /// connections ([`Rule::weight`]).
+    /// connections ([`Rule::weight`](crate::Rule::weight)).
     Canary,
     /// The first plain rule: it takes every new connection the canary does not.
     Active,
