@@ -2,8 +2,9 @@
 //! server embeds switcheroo. The library needs no runtime: the std listener from `begin` is
 //! handed to tokio with `TcpListener::from_std`, and the drain is polled from a task with
 //! [`switcheroo::DrainTracker`]. Its place in the chain (probation, canary, rollback) is
-//! followed with [`switcheroo::Tenure`]'s pollable form: its file descriptors are awaited
-//! with `AsyncFd`, its deadline with `sleep_until`, and `check` says what changed.
+//! followed with [`switcheroo::Tenure`]'s pollable form (its file descriptors, its
+//! deadline, `check`) on a thread of the example's own, which sends the changes to the
+//! async task over a channel.
 //!
 //! `hello_async [--namespace NAME] [--port PORT] [--range MIN-MAX] [--probation DURATION]
 //! [--canary PERCENT]`
@@ -11,13 +12,13 @@
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::Router;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::HashMap;
 use std::future::IntoFuture;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use switcheroo::{Change, Drain, Switcheroo, Tenure};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Clone, Copy)]
@@ -90,48 +91,33 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         report.role,
         report.removed.len()
     );
-    let mut tenure = Tenure::new(&sw, &report)?;
+    let tenure = Tenure::new(&sw, &report)?;
     println!("ready pid={} port={}", me.pid, me.port);
 
+    // The tenure is followed on a thread of its own with its pollable form (its fds, its
+    // deadline, `check`), plus a socket that wakes the thread when this task is done.
+    let (wake, woken) = UnixStream::pair()?;
+    let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let follower = std::thread::spawn(move || follow(tenure, woken, changes_tx));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let why = loop {
-        // The descriptors to watch change with the place (the pidfd of the instance
-        // above): take them afresh each round. Tokio deprecated `with_interest` (its
-        // replacement is an unsafe fn) because a borrowed fd could be closed under the
-        // reactor; these are owned duplicates, which nothing else closes.
-        #[allow(deprecated)]
-        let fds: Vec<AsyncFd<OwnedFd>> = tenure
-            .fds()
-            .iter()
-            .map(|fd| AsyncFd::with_interest(fd.try_clone_to_owned()?, Interest::READABLE))
-            .collect::<std::io::Result<_>>()?;
-        let deadline = tenure.deadline().map(tokio::time::Instant::from_std);
         tokio::select! {
-            _ = term.recv() => break "signal 15".to_owned(),
-            _ = int.recv() => break "signal 2".to_owned(),
-            _ = fds[0].readable() => {},
-            _ = async { fds[1].readable().await.map(drop) }, if fds.len() > 1 => {},
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {},
-        }
-        let mut retire = None;
-        while let Some(change) = tenure.check()? {
-            eprintln!("place {change:?}");
-            if let Change::Removed { rolled_back, .. } = change {
-                retire = Some(
-                    if rolled_back {
-                        "rolled back"
-                    } else {
-                        "replaced"
-                    }
-                    .to_owned(),
-                );
-            }
-        }
-        if let Some(why) = retire {
-            break why;
+            _ = term.recv() => break "signal 15",
+            _ = int.recv() => break "signal 2",
+            change = changes.recv() => match change {
+                Some(Change::Removed { rolled_back: true, .. }) => break "rolled back",
+                Some(Change::Removed { .. }) => break "replaced",
+                Some(change) => eprintln!("place {change:?}"),
+                // The follower stopped on an error, which its join reports below.
+                None => break "the tenure's error",
+            },
         }
     };
+    drop(wake);
+    let mut tenure = follower
+        .join()
+        .map_err(|_| "the tenure thread panicked")??;
     if why.starts_with("signal") {
         // Stopped by an operator while in the chain: leave it first.
         tenure.resign()?;
@@ -160,5 +146,36 @@ async fn main() {
     if let Err(e) = run().await {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Follows this instance's place until `woken` is closed (or the tenure fails), sending
+/// every change; returns the tenure for a last `resign`.
+fn follow(
+    mut tenure: Tenure,
+    woken: UnixStream,
+    changes: tokio::sync::mpsc::UnboundedSender<Change>,
+) -> switcheroo::Result<Tenure> {
+    loop {
+        while let Some(change) = tenure.check()? {
+            let _ = changes.send(change);
+        }
+        let timeout = match tenure.deadline() {
+            None => PollTimeout::NONE,
+            Some(until) => {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32 + 1)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds: Vec<PollFd<'_>> = std::iter::once(woken.as_fd())
+            .chain(tenure.fds())
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        let _ = poll(&mut fds, timeout);
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            drop(fds);
+            return Ok(tenure);
+        }
     }
 }
