@@ -10,6 +10,9 @@
 
 #[path = "../tests/load/mod.rs"]
 mod load;
+mod support;
+
+use support::{arg, hello_path};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -19,15 +22,6 @@ use std::time::{Duration, Instant};
 struct Instance {
     child: Child,
     stderr: BufReader<std::process::ChildStderr>,
-}
-
-fn hello_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/release");
-    dir.join("examples").join("hello")
 }
 
 fn start(drain: bool) -> Instance {
@@ -161,18 +155,8 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let deploys = args
-        .iter()
-        .position(|a| a == "--deploys")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let time_wait: u32 = args
-        .iter()
-        .position(|a| a == "--conntrack-time-wait")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let deploys: usize = arg(&args, "--deploys", 200);
+    let time_wait: u32 = arg(&args, "--conntrack-time-wait", 5);
     let interval = Duration::from_millis(50);
     println!("{deploys} deploys of hello per mode, one every {interval:?} (plus start-up), 6 client threads, new connection per request, conntrack TIME_WAIT {time_wait} s\n");
     println!("| old instance on SIGTERM | client addresses | requests | conn/s | failed | failed per 1,000 deploys | drain median | drain max |");

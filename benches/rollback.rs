@@ -14,6 +14,9 @@
 
 #[path = "../tests/load/mod.rs"]
 mod load;
+mod support;
+
+use support::{arg, hello_path};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -22,15 +25,6 @@ use switcheroo_sys::monitor::{Event, Monitor};
 
 /// The window after a crash in which failed connections are counted.
 const WINDOW: Duration = Duration::from_secs(1);
-
-fn hello_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/release");
-    dir.join("examples").join("hello")
-}
 
 /// Starts `hello` with `args`; returns it and its pid once it is ready.
 fn start(args: &[&str]) -> (Child, u32) {
@@ -127,12 +121,7 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let crashes: usize = args
-        .iter()
-        .position(|a| a == "--crashes")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let crashes: usize = arg(&args, "--crashes", 50);
     enter_private_netns();
     let mut monitor = Monitor::open().expect("nf_tables notifications");
 

@@ -39,7 +39,7 @@ use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use switcheroo::{Change, Drain, Shutdown, Switcheroo, Tenure, Wake};
+use switcheroo::{Change, Drain, Resignation, Shutdown, Switcheroo, Tenure, Wake};
 
 const USAGE: &str = "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--probation DURATION] [--canary PERCENT] [--hold-ms N] [--no-drain]";
 
@@ -269,20 +269,18 @@ fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Resul
     loop {
         match tenure.wait(shutdown)? {
             Wake::Signal(signal) => {
-                // A deployer or `switcheroo rollback` deletes the rules before it sends
-                // SIGTERM, so their notification is already here: say which it was.
-                while let Some(change) = tenure.check()? {
-                    if let Change::Removed { .. } = change {
-                        return Ok(retired_because(change));
-                    }
-                }
                 // Stopped by an operator while in the chain: leave it first, so that an
-                // instance below takes new connections at once.
-                let left = tenure.resign()?;
-                return Ok(if left > 0 {
-                    format!("signal {signal}, left the chain")
-                } else {
-                    format!("signal {signal}")
+                // instance below takes new connections at once. Replaced or rolled back,
+                // the rules are gone already, and resign says by what.
+                return Ok(match tenure.resign()? {
+                    Resignation::Left { .. } => format!("signal {signal}, left the chain"),
+                    Resignation::AlreadyRemoved {
+                        rolled_back,
+                        serving,
+                    } => retired_because(Change::Removed {
+                        rolled_back,
+                        serving,
+                    }),
                 });
             }
             Wake::Change(removed @ Change::Removed { .. }) => return Ok(retired_because(removed)),

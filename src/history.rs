@@ -10,7 +10,7 @@ use crate::rule::owners;
 use crate::rule::Rule;
 use crate::snapshot::Snapshot;
 use crate::switcheroo::Switcheroo;
-use crate::transaction::{Transaction, MAX_ATTEMPTS};
+use crate::transaction::{Outcome, Transaction, MAX_ATTEMPTS};
 use crate::{comment, Error, Result};
 use log::info;
 use switcheroo_sys::{Conn, Family, Op, Redirect};
@@ -95,23 +95,18 @@ fn rollback_in(
     recorded: Option<crate::snapshot::Recorded<'_>>,
 ) -> Result<Rollback> {
     let mut from = None;
-    let outcome = Transaction {
-        namespace,
-        max_attempts,
-        recorded,
-        wanted: &|_| false,
-    }
-    .run(conn, |snap, batch| {
-        let target = rollback_target(snap, namespace)?;
-        for rule in &snap.ours {
-            if rule.owned_by(&target) || !rule.alive {
-                let (family, chain, handle) = rule.place();
-                batch.push(Op::Delete(family, chain, handle));
+    let outcome =
+        Transaction::deleting(namespace, max_attempts, recorded).run(conn, |snap, batch| {
+            let target = rollback_target(snap, namespace)?;
+            for rule in &snap.ours {
+                if rule.owned_by(&target) || !rule.alive {
+                    let (family, chain, handle) = rule.place();
+                    batch.push(Op::Delete(family, chain, handle));
+                }
             }
-        }
-        from = Some(target);
-        Ok(())
-    })?;
+            from = Some(target);
+            Ok(())
+        })?;
     let from = from.map(|id| id.pid);
     let serving = outcome
         .remaining
@@ -141,53 +136,48 @@ fn promote_in(
 ) -> Result<Promotion> {
     let mut promoted = None;
     let mut standby = None;
-    let outcome = Transaction {
-        namespace,
-        max_attempts,
-        recorded,
-        wanted: &|_| false,
-    }
-    .run(conn, |snap, batch| {
-        let canary = snap
-            .ours
-            .iter()
-            .find(|r| r.alive && r.role == Role::Canary)
-            .and_then(Rule::identity)
-            .ok_or_else(|| Error::NoCanary {
-                namespace: namespace.to_owned(),
-            })?;
-        let mut keep = Vec::new();
-        for (_, rules) in chains(snap) {
-            let canary_rule = rules
+    let outcome =
+        Transaction::deleting(namespace, max_attempts, recorded).run(conn, |snap, batch| {
+            let canary = snap
+                .ours
                 .iter()
-                .find(|r| r.owned_by(&canary) && r.role == Role::Canary);
-            if let Some(rule) = canary_rule {
-                let comment = canary.to_string();
-                let plain = Redirect::new(rule.public_port, rule.internal_port, &comment)?;
-                batch.insert_rule(rule.family, rule.chain, plain);
+                .find(|r| r.alive && r.role == Role::Canary)
+                .and_then(Rule::identity)
+                .ok_or_else(|| Error::NoCanary {
+                    namespace: namespace.to_owned(),
+                })?;
+            let mut keep = Vec::new();
+            for (_, rules) in chains(snap) {
+                let canary_rule = rules
+                    .iter()
+                    .find(|r| r.owned_by(&canary) && r.role == Role::Canary);
+                if let Some(rule) = canary_rule {
+                    let comment = canary.to_string();
+                    let plain = Redirect::new(rule.public_port, rule.internal_port, &comment)?;
+                    batch.insert_rule(rule.family, rule.chain, plain);
+                }
+                keep.extend(
+                    live_plain(&rules)
+                        .into_iter()
+                        .filter(|r| !r.owned_by(&canary))
+                        .take(1)
+                        .map(|r| r.place()),
+                );
             }
-            keep.extend(
-                live_plain(&rules)
-                    .into_iter()
-                    .filter(|r| !r.owned_by(&canary))
-                    .take(1)
-                    .map(|r| r.place()),
-            );
-        }
-        for rule in &snap.ours {
-            if !keep.contains(&rule.place()) {
-                let (family, chain, handle) = rule.place();
-                batch.push(Op::Delete(family, chain, handle));
+            for rule in &snap.ours {
+                if !keep.contains(&rule.place()) {
+                    let (family, chain, handle) = rule.place();
+                    batch.push(Op::Delete(family, chain, handle));
+                }
             }
-        }
-        standby = snap
-            .ours
-            .iter()
-            .find(|r| keep.contains(&r.place()))
-            .and_then(|r| r.pid);
-        promoted = Some(canary);
-        Ok(())
-    })?;
+            standby = snap
+                .ours
+                .iter()
+                .find(|r| keep.contains(&r.place()))
+                .and_then(|r| r.pid);
+            promoted = Some(canary);
+            Ok(())
+        })?;
     let promoted = promoted.map_or(0, |id| id.pid);
     info!("namespace {namespace}: promoted the canary pid {promoted} to active");
     // The canary's own statistic rules were deleted; its owner stays, of course.
@@ -261,8 +251,8 @@ pub fn promote(namespace: &str) -> Result<Promotion> {
 /// Deletes the rules of dead owners and those `which` selects, in one transaction, when
 /// there are any: what an instance does when the one above it dies, and what the probation
 /// does when it ends. The connections conntrack still maps to a dead owner's port are
-/// forgotten too (see [`forget_dead`]). Returns the rules deleted.
-pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> Result<Vec<Rule>> {
+/// forgotten too (see [`forget_dead`]). Returns what the transaction did.
+pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> Result<Outcome> {
     let outcome = sw.with_conn(|conn, recorded| {
         sw.transaction(recorded, &|_| false)
             .run(conn, |snap, batch| {
@@ -275,10 +265,14 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
                 Ok(())
             })
     })?;
-    let ports: Vec<u16> = outcome.removed.iter().map(|r| r.internal_port).collect();
+    let dead: Vec<u16> = outcome
+        .removed
+        .iter()
+        .filter(|r| !r.alive)
+        .map(|r| r.internal_port)
+        .collect();
     let listening: Vec<u16> = sw.in_netns(|| {
-        ports
-            .into_iter()
+        dead.into_iter()
             .filter(|p| crate::port::in_use(*p))
             .collect()
     })?;
@@ -286,7 +280,7 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
         forget_dead(conn, &outcome.removed, &listening);
         Ok(())
     })?;
-    Ok(outcome.removed)
+    Ok(outcome)
 }
 
 /// `TCP_CONNTRACK_TIME_WAIT` (`linux/netfilter/nf_conntrack_tcp.h`).

@@ -134,3 +134,17 @@ pub(crate) fn owners(rules: &[Rule]) -> Vec<Identity> {
     ids.dedup_by_key(|id| (id.pid, id.start));
     ids
 }
+
+/// [`assign_roles`] for each chain of `rules`, which holds each chain's rules together.
+pub(crate) fn assign_roles_per_chain(rules: &mut [Rule]) {
+    let mut start = 0;
+    while start < rules.len() {
+        let place = (rules[start].family, rules[start].chain);
+        let len = rules[start..]
+            .iter()
+            .take_while(|r| (r.family, r.chain) == place)
+            .count();
+        assign_roles(&mut rules[start..start + len]);
+        start += len;
+    }
+}

@@ -120,21 +120,7 @@ fn from_record(
             }
         }
     }
-    for family in Family::ALL {
-        for chain in Chain::ALL {
-            let start = ours
-                .iter()
-                .position(|r| (r.family, r.chain) == (family, chain));
-            if let Some(start) = start {
-                let end = start
-                    + ours[start..]
-                        .iter()
-                        .take_while(|r| (r.family, r.chain) == (family, chain))
-                        .count();
-                crate::rule::assign_roles(&mut ours[start..end]);
-            }
-        }
-    }
+    crate::rule::assign_roles_per_chain(&mut ours);
     debug!(
         "namespace {namespace}: generation {generation} unchanged since the last commit; no dump"
     );

@@ -337,19 +337,14 @@ fn delete_namespace(
     max_attempts: u32,
     recorded: Option<Recorded<'_>>,
 ) -> Result<usize> {
-    let outcome = Transaction {
-        namespace,
-        max_attempts,
-        recorded,
-        wanted: &|_| false,
-    }
-    .run(conn, |snap, batch| {
-        for rule in &snap.ours {
-            let (family, chain, handle) = rule.place();
-            batch.push(Op::Delete(family, chain, handle));
-        }
-        Ok(())
-    })?;
+    let outcome =
+        Transaction::deleting(namespace, max_attempts, recorded).run(conn, |snap, batch| {
+            for rule in &snap.ours {
+                let (family, chain, handle) = rule.place();
+                batch.push(Op::Delete(family, chain, handle));
+            }
+            Ok(())
+        })?;
     if !outcome.removed.is_empty() {
         log::info!(
             "namespace {namespace}: removed {} rules",

@@ -68,6 +68,24 @@ pub enum Change {
     },
 }
 
+/// What [`Tenure::resign`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resignation {
+    /// This instance's rules (`rules` of them) were in the chain and are deleted now.
+    Left {
+        /// How many there were.
+        rules: usize,
+    },
+    /// They were gone already: the instance was replaced, or rolled back (then
+    /// `rolled_back`), and `serving` gets new connections now.
+    AlreadyRemoved {
+        /// Whether the instance that gets new connections now is older than this one.
+        rolled_back: bool,
+        /// Its pid.
+        serving: Option<u32>,
+    },
+}
+
 /// What [`Tenure::wait`] woke up for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wake {
@@ -270,22 +288,30 @@ impl Tenure {
 
     /// Deletes this instance's rules (and any of dead owners) in one transaction, as an
     /// instance stopped by an operator while it serves should: the instance below, if
-    /// any, takes new connections at once instead of clients being refused. Returns how
-    /// many of its rules there were (0 when it had been replaced already).
-    pub fn resign(&mut self) -> Result<usize> {
+    /// any, takes new connections at once instead of clients being refused. When the
+    /// rules were gone already (a deployer or a rollback deletes them before it sends
+    /// SIGTERM), says by what, as [`Change::Removed`] would.
+    pub fn resign(&mut self) -> Result<Resignation> {
         let me = self.me.clone();
-        let removed = history::remove(&self.sw, |r| r.owned_by(&me))?;
-        let mine = removed.iter().filter(|r| r.owned_by(&me)).count();
-        if mine > 0 {
+        let outcome = history::remove(&self.sw, |r| r.owned_by(&me))?;
+        let rules = outcome.removed.iter().filter(|r| r.owned_by(&me)).count();
+        let resignation = if rules > 0 {
             info!(
-                "namespace {}: pid {} left the chain ({mine} rules)",
+                "namespace {}: pid {} left the chain ({rules} rules)",
                 me.namespace, me.pid
             );
-        }
+            Resignation::Left { rules }
+        } else {
+            let (rolled_back, serving) = self.fate(&outcome.remaining);
+            Resignation::AlreadyRemoved {
+                rolled_back,
+                serving,
+            }
+        };
         self.role = None;
         self.probation = None;
         self.above = None;
-        Ok(mine)
+        Ok(resignation)
     }
 
     /// Reads what is pending on the notification socket; anything about the namespace's
@@ -349,7 +375,7 @@ impl Tenure {
             let over = &chain[..position];
             if over.iter().any(|r| !r.alive) {
                 // The instance above died: its rules go, and this one moves up.
-                let gone = history::remove(&self.sw, |_| false)?;
+                let gone = history::remove(&self.sw, |_| false)?.removed;
                 info!(
                     "namespace {}: removed {} rules of dead instances above pid {}",
                     self.me.namespace,
@@ -440,6 +466,16 @@ impl Tenure {
         self.role.take()?;
         self.above = None;
         self.probation = None;
+        let (rolled_back, serving) = self.fate(rules);
+        Some(Change::Removed {
+            rolled_back,
+            serving,
+        })
+    }
+
+    /// With this instance's rules gone from `rules`: whether it was rolled back, and who
+    /// gets new connections now.
+    fn fate(&self, rules: &[Rule]) -> (bool, Option<u32>) {
         let serving = rules.iter().find(|r| r.alive && r.weight.is_none());
         // Handles only grow: a head with a smaller handle than ours had in the same chain
         // is older than this instance, so this instance was rolled back.
@@ -448,14 +484,12 @@ impl Tenure {
                 .iter()
                 .any(|(f, c, h)| (s.family, s.chain) == (*f, *c) && s.handle < *h)
         });
-        Some(Change::Removed {
-            rolled_back,
-            serving: serving.and_then(|r| r.pid),
-        })
+        (rolled_back, serving.and_then(|r| r.pid))
     }
 
     fn end_probation(&mut self, standby: &[Identity]) -> Result<Change> {
-        let removed = history::remove(&self.sw, |r| standby.iter().any(|id| r.owned_by(id)))?;
+        let removed =
+            history::remove(&self.sw, |r| standby.iter().any(|id| r.owned_by(id)))?.removed;
         let retired = terminate_all(owners(&removed));
         info!(
             "namespace {}: probation over; retired {retired:?}",

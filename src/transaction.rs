@@ -98,7 +98,17 @@ pub(crate) fn read(
     }
 }
 
-impl Transaction<'_> {
+impl<'a> Transaction<'a> {
+    /// A transaction that only deletes rules (it creates no chain).
+    pub fn deleting(namespace: &'a str, max_attempts: u32, recorded: Option<Recorded<'a>>) -> Self {
+        Transaction {
+            namespace,
+            max_attempts,
+            recorded,
+            wanted: &|_| false,
+        }
+    }
+
     /// Takes the namespace's lock, then builds a batch with `build` from a fresh snapshot
     /// and applies it, releasing the lock in the same batch. On a conflict (a dump
     /// interrupted, a handle vanished, a table or chain deleted under the batch, or the
@@ -262,14 +272,13 @@ fn after(inserted: &[Rule], kept: Vec<Rule>) -> Vec<Rule> {
     let mut rules = Vec::new();
     for family in Family::ALL {
         for chain in Chain::ALL {
-            let start = rules.len();
             let here = |r: &&Rule| (r.family, r.chain) == (family, chain);
             // Inserted in batch order at the head: the last insert is the top one.
             rules.extend(inserted.iter().rev().filter(here).cloned());
             rules.extend(kept.iter().filter(here).cloned());
-            crate::rule::assign_roles(&mut rules[start..]);
         }
     }
+    crate::rule::assign_roles_per_chain(&mut rules);
     rules
 }
 

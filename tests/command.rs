@@ -725,7 +725,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     let new = run_hello(&ns, &["--probation", "60s", "--ready", "http:/"]);
     old.line("[");
     let demoted = format!("pid {} now takes new connections before", new.pid);
-    wait_for_line(&mut old, &demoted);
+    old.line_containing(&demoted);
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     nix::sys::signal::kill(
@@ -733,7 +733,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_for_line(&mut old, "takes every new connection again");
+    old.line_containing("takes every new connection again");
     let restored = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
     let samples = load::stop_all(loads);
@@ -761,22 +761,6 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
         4,
         "{json}"
     );
-}
-
-/// Waits up to 10 s for a line of `h` that contains `text`.
-fn wait_for_line(h: &mut Hello, text: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(line) = h.log.iter().find(|l| l.contains(text)) {
-            return line.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line with {text:?}: {:?}",
-            h.log
-        );
-        h.wait_exit(Duration::from_millis(20));
-    }
 }
 
 /// A server on fd 3 (socket activation) whose /healthz answers 200 twice, then 500.

@@ -385,7 +385,18 @@ impl Hello {
     /// Waits up to 10 s for a line of output that starts with `prefix` and returns it
     /// (stdout and stderr are read by separate threads, so order across them is loose).
     pub fn line(&mut self, prefix: &str) -> String {
-        if let Some(l) = self.log.iter().find(|l| l.starts_with(prefix)) {
+        self.line_where(&format!("starting with {prefix:?}"), |l| {
+            l.starts_with(prefix)
+        })
+    }
+
+    /// Waits up to 10 s for a line that contains `text` and returns it.
+    pub fn line_containing(&mut self, text: &str) -> String {
+        self.line_where(&format!("containing {text:?}"), |l| l.contains(text))
+    }
+
+    fn line_where(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.log.iter().find(|l| wanted(l)) {
             return l.clone();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -394,12 +405,12 @@ impl Hello {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
             self.log.push(l.clone());
-            if l.starts_with(prefix) {
+            if wanted(&l) {
                 return l;
             }
         }
         panic!(
-            "pid {}: no line starting with {prefix:?}; output:\n{}",
+            "pid {}: no line {what}; output:\n{}",
             self.pid,
             self.log.join("\n")
         );

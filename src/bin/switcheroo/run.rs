@@ -23,7 +23,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use switcheroo::{Change, Drain, Routes, Switcheroo, Takeover, Tenure};
+use switcheroo::{Change, Drain, Resignation, Routes, Switcheroo, Takeover, Tenure};
 use switcheroo_sys::spawn::Activation;
 use switcheroo_sys::PidFd;
 
@@ -592,19 +592,19 @@ impl Wrapper {
             match self.events.next(deadline, self.tenure.as_ref()) {
                 Event::ChildExited(status) => return self.server_exited(config, status),
                 Event::Signal(signal) if STOP.contains(&signal) => {
-                    // A deployer or `switcheroo rollback` deletes the rules before it
-                    // sends SIGTERM, so their notification is already here: learn which
-                    // it was (a rollback sets the exit status).
-                    let _ = self.follow_tenure();
                     // An operator's stop while serving: leave the chain first, so that an
                     // instance below takes new connections at once. Replaced or rolled
-                    // back, the rules are gone already and this does nothing.
-                    if let Some(tenure) = &mut self.tenure {
-                        match tenure.resign() {
-                            Ok(0) => {}
-                            Ok(n) => info!("removed this instance's {n} rules before stopping"),
-                            Err(e) => warn!("could not remove this instance's rules: {e}"),
+                    // back, the rules are gone already, and resign says by what.
+                    match self.tenure.as_mut().map(Tenure::resign) {
+                        Some(Ok(Resignation::Left { rules })) => {
+                            info!("removed this instance's {rules} rules before stopping")
                         }
+                        Some(Ok(Resignation::AlreadyRemoved {
+                            rolled_back,
+                            serving,
+                        })) => self.removed(rolled_back, serving),
+                        Some(Err(e)) => warn!("could not remove this instance's rules: {e}"),
+                        None => {}
                     }
                     return State::Draining(Retire::Signal(signal));
                 }
@@ -660,17 +660,7 @@ impl Wrapper {
                     rolled_back,
                     serving,
                 } => {
-                    let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
-                    if rolled_back {
-                        info!("{} was rolled back; {serving} serves now", self.name);
-                        self.rolled_back = Some(Failure::RolledBack {
-                            name: self.name.clone(),
-                            why: "its rules were removed for an older instance".into(),
-                            serving,
-                        });
-                    } else {
-                        info!("{} was replaced; {serving} serves now", self.name);
-                    }
+                    self.removed(rolled_back, serving);
                     // The deployer sends SIGTERM too; whichever comes first starts the drain.
                     return Some(State::Draining(Retire::Removed));
                 }
@@ -686,6 +676,21 @@ impl Wrapper {
                     info!("the probation passed; the previous instance retires (signalled {retired:?})")
                 }
             }
+        }
+    }
+
+    /// This instance's rules were removed: says by what; a rollback sets the exit status.
+    fn removed(&mut self, rolled_back: bool, serving: Option<u32>) {
+        let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
+        if rolled_back {
+            info!("{} was rolled back; {serving} serves now", self.name);
+            self.rolled_back = Some(Failure::RolledBack {
+                name: self.name.clone(),
+                why: "its rules were removed for an older instance".into(),
+                serving,
+            });
+        } else {
+            info!("{} was replaced; {serving} serves now", self.name);
         }
     }
 
