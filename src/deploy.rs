@@ -1,8 +1,7 @@
 //! Which rules a deploy keeps below the new ones, read from the roles of the snapshot.
 
-use crate::rule::Rule;
+use crate::rule::{Group, Rule};
 use crate::snapshot::Snapshot;
-use switcheroo_sys::{Chain, Family};
 
 /// How a deploy treats the instances already in the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,20 +16,21 @@ pub(crate) enum Deploy {
     Canary,
 }
 
-/// The rules of `snap`, chain by chain, top down.
-pub(crate) fn chains(snap: &Snapshot) -> Vec<((Family, Chain), Vec<&Rule>)> {
-    let mut out: Vec<((Family, Chain), Vec<&Rule>)> = Vec::new();
+/// The rules of `snap`, group by group (one public port in one chain), each top down, in
+/// the order the groups first appear.
+pub(crate) fn groups(snap: &Snapshot) -> Vec<(Group, Vec<&Rule>)> {
+    let mut out: Vec<(Group, Vec<&Rule>)> = Vec::new();
     for rule in &snap.ours {
-        let place = (rule.family, rule.chain);
-        match out.last_mut() {
-            Some((p, rules)) if *p == place => rules.push(rule),
-            _ => out.push((place, vec![rule])),
+        let group = rule.group();
+        match out.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, rules)) => rules.push(rule),
+            None => out.push((group, vec![rule])),
         }
     }
     out
 }
 
-/// The live plain rules of one chain, top down: the active first, then the standby.
+/// The live plain rules of one group, top down: the active first, then the standby.
 pub(crate) fn live_plain<'a>(rules: &[&'a Rule]) -> Vec<&'a Rule> {
     rules
         .iter()
@@ -39,16 +39,17 @@ pub(crate) fn live_plain<'a>(rules: &[&'a Rule]) -> Vec<&'a Rule> {
         .collect()
 }
 
-/// The rules a deploy of `how` keeps below the new one: per chain, the first two live
-/// plain rules for a canary, the first one for a probation, none for a plain deploy.
-/// Everything else of the namespace is deleted by the same transaction.
+/// The rules a deploy of `how` keeps below the new ones: per group (public port and
+/// chain), the first two live plain rules for a canary, the first one for a probation,
+/// none for a plain deploy. Everything else of the namespace is deleted by the same
+/// transaction.
 pub(crate) fn kept_by(snap: &Snapshot, how: Deploy) -> Vec<Rule> {
     let keep = match how {
         Deploy::Replace => 0,
         Deploy::Probation => 1,
         Deploy::Canary => 2,
     };
-    chains(snap)
+    groups(snap)
         .into_iter()
         .flat_map(|(_, rules)| {
             live_plain(&rules)

@@ -34,6 +34,22 @@ pub enum Error {
         /// The internal range.
         range: RangeInclusive<u16>,
     },
+    /// A service was built without any public port.
+    #[error("the service has no public port: add one with Builder::tcp or Builder::udp")]
+    NoPorts,
+    /// The same public port (and protocol) was given twice.
+    #[error("public port {port} is given twice: each (port, protocol) belongs to a service once")]
+    DuplicatePort {
+        /// The port given twice.
+        port: crate::Port,
+    },
+    /// [`Switcheroo::begin`](crate::Switcheroo::begin) returns one TCP listener, but the
+    /// service has other ports.
+    #[error("begin() binds one TCP listener, but the service has the ports {ports}: use begin_all(), which binds a socket for each")]
+    NotOneTcpPort {
+        /// The service's ports, as `80/tcp, 443/udp`.
+        ports: String,
+    },
     /// No route was selected.
     #[error("no routes selected: use Routes::NETWORK, Routes::LOCALHOST or both")]
     NoRoutes,

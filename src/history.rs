@@ -3,7 +3,7 @@
 //! roles the rules' positions give (see [`crate::Role`]).
 
 use crate::comment::Identity;
-use crate::deploy::{chains, live_plain};
+use crate::deploy::{groups, live_plain};
 use crate::owner::terminate_all;
 use crate::role::Role;
 use crate::rule::owners;
@@ -13,7 +13,7 @@ use crate::switcheroo::Switcheroo;
 use crate::transaction::{Outcome, Transaction, MAX_ATTEMPTS};
 use crate::{comment, Error, Result};
 use log::info;
-use switcheroo_sys::{Conn, Family, Op, Redirect};
+use switcheroo_sys::{Conn, Family, Op, Protocol, Redirect};
 
 /// What [`Switcheroo::rollback`] and [`rollback`](crate::rollback) did.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ fn rollback_target(snap: &Snapshot, namespace: &str) -> Result<Identity> {
             why: "its canary rule names no process".into(),
         });
     }
-    let Some((_, rules)) = chains(snap)
+    let Some((_, rules)) = groups(snap)
         .into_iter()
         .find(|(_, rules)| rules.iter().any(|r| r.weight.is_none()))
     else {
@@ -147,13 +147,18 @@ fn promote_in(
                     namespace: namespace.to_owned(),
                 })?;
             let mut keep = Vec::new();
-            for (_, rules) in chains(snap) {
+            for (_, rules) in groups(snap) {
                 let canary_rule = rules
                     .iter()
                     .find(|r| r.owned_by(&canary) && r.role == Role::Canary);
                 if let Some(rule) = canary_rule {
-                    let comment = canary.to_string();
-                    let plain = Redirect::new(rule.public_port, rule.internal_port, &comment)?;
+                    let comment = Identity {
+                        port: rule.internal_port,
+                        ..canary.clone()
+                    }
+                    .to_string();
+                    let plain = Redirect::new(rule.public_port, rule.internal_port, &comment)?
+                        .with_protocol(rule.protocol);
                     batch.insert_rule(rule.family, rule.chain, plain);
                 }
                 keep.extend(
@@ -265,15 +270,15 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
                 Ok(())
             })
     })?;
-    let dead: Vec<u16> = outcome
+    let dead: Vec<(Protocol, u16)> = outcome
         .removed
         .iter()
         .filter(|r| !r.alive)
-        .map(|r| r.internal_port)
+        .map(|r| (r.protocol, r.internal_port))
         .collect();
-    let listening: Vec<u16> = sw.in_netns(|| {
+    let listening: Vec<(Protocol, u16)> = sw.in_netns(|| {
         dead.into_iter()
-            .filter(|p| crate::port::in_use(*p))
+            .filter(|(protocol, port)| crate::port::in_use(*protocol, *port))
             .collect()
     })?;
     sw.with_conn(|conn, _| {
@@ -286,26 +291,28 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
 /// `TCP_CONNTRACK_TIME_WAIT` (`linux/netfilter/nf_conntrack_tcp.h`).
 const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
 
-/// Deletes the conntrack entries that still map connections to the port of each dead
-/// owner among `removed` (TCP, both families), unless something listens on that port
-/// again (`listening`): a connection reset by the owner's death leaves its entry in CLOSE,
-/// and a new SYN from a reused client port would follow it to the dead port and be
-/// refused. Live owners' entries are never touched: their connections are still served.
+/// Deletes the conntrack entries that still map connections and flows to the port of
+/// each dead owner among `removed` (TCP and UDP, both families), unless something is bound
+/// to that port again (`listening`): a connection reset by the owner's death leaves its
+/// entry in CLOSE, and a new SYN from a reused client port would follow it to the dead port
+/// and be refused; a UDP flow would keep feeding the closed port for as long as it stays
+/// busy. Live owners' entries are never touched: their connections are still served.
 /// Failures are logged, not returned: the rules are gone either way.
-pub(crate) fn forget_dead(conn: &mut Conn, removed: &[Rule], listening: &[u16]) {
-    let mut ports: Vec<(Family, u16)> = removed
+pub(crate) fn forget_dead(conn: &mut Conn, removed: &[Rule], listening: &[(Protocol, u16)]) {
+    let mut ports: Vec<(Family, Protocol, u16)> = removed
         .iter()
-        .filter(|r| !r.alive && !listening.contains(&r.internal_port))
-        .map(|r| (r.family, r.internal_port))
+        .filter(|r| !r.alive && !listening.contains(&(r.protocol, r.internal_port)))
+        .map(|r| (r.family, r.protocol, r.internal_port))
         .collect();
     ports.sort();
     ports.dedup();
-    let tcp = nix::libc::IPPROTO_TCP as u8;
-    for (family, port) in ports {
-        let entries = match conn.conntrack_to_port(family, tcp, port) {
+    for (family, protocol, port) in ports {
+        let entries = match conn.conntrack_to_port(family, protocol, port) {
             Ok(entries) => entries,
             Err(e) => {
-                log::warn!("cannot read the connections redirected to the dead port {port}: {e}");
+                log::warn!(
+                    "cannot read the {protocol} flows redirected to the dead port {port}: {e}"
+                );
                 continue;
             }
         };
@@ -322,7 +329,7 @@ pub(crate) fn forget_dead(conn: &mut Conn, removed: &[Rule], listening: &[u16]) 
                 Ok(false) => {}
                 Err(e) => {
                     log::warn!(
-                        "cannot forget a connection redirected to the dead port {port}: {e}"
+                        "cannot forget a {protocol} flow redirected to the dead port {port}: {e}"
                     );
                     break;
                 }
@@ -330,7 +337,7 @@ pub(crate) fn forget_dead(conn: &mut Conn, removed: &[Rule], listening: &[u16]) 
         }
         if forgotten > 0 {
             log::debug!(
-                "forgot {forgotten} {family} connections redirected to the dead port {port}"
+                "forgot {forgotten} {family} {protocol} flows redirected to the dead port {port}"
             );
         }
     }

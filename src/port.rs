@@ -1,4 +1,4 @@
-//! Choosing and binding the internal port.
+//! A service's public ports, and choosing and binding the internal ones.
 
 use crate::{Error, Result};
 use nix::errno::Errno;
@@ -6,9 +6,154 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
 };
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener};
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener, UdpSocket};
 use std::ops::RangeInclusive;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::str::FromStr;
+use switcheroo_sys::Protocol;
+
+/// One public port of a service: a protocol and a port number. `Display` and `FromStr`
+/// use `443/udp`, `443/tcp`, and `443` for TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The port number clients use.
+    pub number: u16,
+}
+
+impl Port {
+    /// TCP port `number`.
+    pub const fn tcp(number: u16) -> Port {
+        Port {
+            protocol: Protocol::Tcp,
+            number,
+        }
+    }
+
+    /// UDP port `number`.
+    pub const fn udp(number: u16) -> Port {
+        Port {
+            protocol: Protocol::Udp,
+            number,
+        }
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.number, self.protocol)
+    }
+}
+
+impl FromStr for Port {
+    type Err = String;
+
+    /// `PORT`, `PORT/tcp` or `PORT/udp`, PORT 1-65535.
+    fn from_str(s: &str) -> std::result::Result<Port, String> {
+        let (number, protocol) = match s.split_once('/') {
+            None => (s, Protocol::Tcp),
+            Some((n, "tcp")) => (n, Protocol::Tcp),
+            Some((n, "udp")) => (n, Protocol::Udp),
+            Some((_, other)) => {
+                return Err(format!(
+                    "{s:?}: unknown protocol {other:?}; give PORT, PORT/tcp or PORT/udp"
+                ))
+            }
+        };
+        match number.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(Port {
+                protocol,
+                number: n,
+            }),
+            _ => Err(format!("{s:?}: the port must be a number from 1 to 65535")),
+        }
+    }
+}
+
+impl Bound {
+    /// The public and the internal port.
+    pub fn mapping(&self) -> Mapping {
+        Mapping {
+            public: self.public,
+            internal: self.internal,
+        }
+    }
+}
+
+/// An instance's socket for one public port: a TCP listener or a UDP socket, bound on
+/// the internal port (dual-stack where the host has IPv6).
+#[derive(Debug)]
+pub enum Socket {
+    /// For a TCP port: listening, with the system's maximum backlog.
+    Tcp(TcpListener),
+    /// For a UDP port: unconnected, as systemd passes one for `ListenDatagram=`.
+    Udp(UdpSocket),
+}
+
+impl Socket {
+    /// The TCP listener, for a TCP port.
+    pub fn tcp(&self) -> Option<&TcpListener> {
+        match self {
+            Socket::Tcp(l) => Some(l),
+            Socket::Udp(_) => None,
+        }
+    }
+
+    /// The UDP socket, for a UDP port.
+    pub fn udp(&self) -> Option<&UdpSocket> {
+        match self {
+            Socket::Udp(s) => Some(s),
+            Socket::Tcp(_) => None,
+        }
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(l) => l.as_fd(),
+            Socket::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl From<Socket> for OwnedFd {
+    fn from(socket: Socket) -> OwnedFd {
+        match socket {
+            Socket::Tcp(l) => l.into(),
+            Socket::Udp(s) => s.into(),
+        }
+    }
+}
+
+/// One public port of an instance and the internal port it leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// The public port.
+    pub public: Port,
+    /// The internal port.
+    pub internal: u16,
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.public, self.internal)
+    }
+}
+
+/// One public port of an instance and the socket that serves it, from
+/// [`Switcheroo::begin_all`](crate::Switcheroo::begin_all).
+#[derive(Debug)]
+pub struct Bound {
+    /// The public port.
+    pub public: Port,
+    /// The internal port the socket is bound to, which the rules will redirect to.
+    pub internal: u16,
+    /// The socket.
+    pub socket: Socket,
+}
 
 /// Binds a listener on a free port of `range`, starting at a random offset so that
 /// instances started together spread out, and skipping `taken` (ports that rules of this
@@ -26,22 +171,33 @@ use std::os::fd::OwnedFd;
 /// connections per 10 deploys at one deploy every 50 ms with a 100-port range, none once
 /// such ports were skipped). Only if every port is in that state does a second pass reuse
 /// one.
+///
+/// A UDP socket is bound without `SO_REUSEADDR` (with it, two sockets could share the port
+/// and split its datagrams).
 pub(crate) fn bind_free(
+    protocol: Protocol,
     range: &RangeInclusive<u16>,
     taken: &HashSet<u16>,
     namespace: &str,
-) -> Result<TcpListener> {
+) -> Result<Socket> {
     let (start, end) = (*range.start() as u32, *range.end() as u32);
     let len = end - start + 1;
     let offset = rand::random_range(0..len);
     for clean_only in [true, false] {
         for i in 0..len {
             let port = (start + (offset + i) % len) as u16;
-            if taken.contains(&port) || (clean_only && !is_clean(port)) {
+            if taken.contains(&port) || (clean_only && protocol == Protocol::Tcp && !is_clean(port))
+            {
                 continue;
             }
-            match bind(port, true) {
-                Ok(listener) => return Ok(listener),
+            let socket = match protocol {
+                Protocol::Tcp => bind(port, true).map(Socket::Tcp),
+                Protocol::Udp => {
+                    bound(SockType::Datagram, port, false, false).map(|fd| Socket::Udp(fd.into()))
+                }
+            };
+            match socket {
+                Ok(socket) => return Ok(socket),
                 Err(Errno::EADDRINUSE) => continue,
                 Err(e) => {
                     return Err(Error::Bind {
@@ -58,50 +214,51 @@ pub(crate) fn bind_free(
     })
 }
 
-/// Whether a socket holds TCP `port` for listening (or is bound to it) in the calling
-/// thread's network namespace: a bind with `SO_REUSEADDR`, which connections in TIME_WAIT
-/// do not refuse, fails. (Reading /proc/net/tcp would tell too, but with tens of thousands
-/// of TIME_WAIT sockets after heavy traffic it takes seconds.)
-pub(crate) fn in_use(port: u16) -> bool {
-    matches!(bind_only(port), Err(Errno::EADDRINUSE))
+/// Whether a socket holds `port` of `protocol` in the calling thread's network namespace.
+/// For TCP, a listener or a bound socket: a bind with `SO_REUSEADDR`, which connections
+/// in TIME_WAIT do not refuse, fails. (Reading /proc/net/tcp would tell too, but with tens
+/// of thousands of TIME_WAIT sockets after heavy traffic it takes seconds.) For UDP, any
+/// socket bound to it.
+pub(crate) fn in_use(protocol: Protocol, port: u16) -> bool {
+    let (kind, reuse) = match protocol {
+        Protocol::Tcp => (SockType::Stream, true),
+        Protocol::Udp => (SockType::Datagram, false),
+    };
+    matches!(bound(kind, port, reuse, false), Err(Errno::EADDRINUSE))
 }
 
-/// Binds `port` with `SO_REUSEADDR`, dual-stack where the host has IPv6, without
-/// listening; the socket is closed at once.
-fn bind_only(port: u16) -> Result<(), Errno> {
-    bound(port, true, false).map(drop)
-}
-
-/// Whether nothing at all uses `port`, not even a connection in TIME_WAIT.
+/// Whether nothing at all uses TCP `port`, not even a connection in TIME_WAIT.
 fn is_clean(port: u16) -> bool {
     bind(port, false).is_ok()
 }
 
 fn bind(port: u16, reuse: bool) -> Result<TcpListener, Errno> {
-    bound(port, reuse, true).map(TcpListener::from)
+    bound(SockType::Stream, port, reuse, true).map(TcpListener::from)
 }
 
-/// A TCP socket bound to `port` on every address, dual-stack (`[::]` with `IPV6_V6ONLY`
-/// off), or IPv4 only where the host has IPv6 disabled; listening if `listen`.
-fn bound(port: u16, reuse: bool, listen: bool) -> Result<OwnedFd, Errno> {
+/// A socket of `kind` bound to `port` on every address, dual-stack (`[::]` with
+/// `IPV6_V6ONLY` off), or IPv4 only where the host has IPv6 disabled; listening if
+/// `listen`.
+fn bound(kind: SockType, port: u16, reuse: bool, listen: bool) -> Result<OwnedFd, Errno> {
     let v6 = SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
-    match bound_to(AddressFamily::Inet6, &v6, reuse, listen) {
+    match bound_to(kind, AddressFamily::Inet6, &v6, reuse, listen) {
         // No IPv6 on this host (disabled by sysctl or boot option): IPv4 only.
         Err(Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL) => {
             let v4 = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-            bound_to(AddressFamily::Inet, &v4, reuse, listen)
+            bound_to(kind, AddressFamily::Inet, &v4, reuse, listen)
         }
         other => other,
     }
 }
 
 fn bound_to(
+    kind: SockType,
     family: AddressFamily,
     addr: &dyn socket::SockaddrLike,
     reuse: bool,
     listen: bool,
 ) -> Result<OwnedFd, Errno> {
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
     if family == AddressFamily::Inet6 {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     }
@@ -129,21 +286,44 @@ mod tests {
     fn a_listening_port_is_in_use_and_a_closed_one_is_not() {
         let l = std::net::TcpListener::bind("[::]:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        assert!(in_use(p));
+        assert!(in_use(Protocol::Tcp, p));
         drop(l);
-        assert!(!in_use(p));
+        assert!(!in_use(Protocol::Tcp, p));
+    }
+
+    #[test]
+    fn a_bound_udp_port_is_in_use_and_bind_free_gives_a_dual_stack_datagram_socket() {
+        let s = bind_free(Protocol::Udp, &(41000..=41999), &HashSet::new(), "t").unwrap();
+        let udp = s.udp().expect("a UDP socket");
+        let p = udp.local_addr().unwrap().port();
+        assert!(udp.local_addr().unwrap().is_ipv6());
+        assert!(in_use(Protocol::Udp, p));
+        drop(s);
+        assert!(!in_use(Protocol::Udp, p));
+    }
+
+    #[test]
+    fn ports_parse_and_print() {
+        assert_eq!("443".parse(), Ok(Port::tcp(443)));
+        assert_eq!("443/tcp".parse(), Ok(Port::tcp(443)));
+        assert_eq!("53/udp".parse(), Ok(Port::udp(53)));
+        assert_eq!(Port::udp(53).to_string(), "53/udp");
+        for bad in ["0", "65536", "53/sctp", "", "/udp", "x/tcp"] {
+            assert!(bad.parse::<Port>().is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn skips_taken_ports_and_reports_exhaustion() {
         let held = std::net::TcpListener::bind("[::]:0").unwrap();
         let p = held.local_addr().unwrap().port();
-        let err = bind_free(&(p..=p), &HashSet::new(), "t").unwrap_err();
+        let tcp = Protocol::Tcp;
+        let err = bind_free(tcp, &(p..=p), &HashSet::new(), "t").unwrap_err();
         assert!(matches!(err, Error::PortRangeExhausted { .. }), "{err}");
         drop(held);
-        let err = bind_free(&(p..=p), &HashSet::from([p]), "t").unwrap_err();
+        let err = bind_free(tcp, &(p..=p), &HashSet::from([p]), "t").unwrap_err();
         assert!(matches!(err, Error::PortRangeExhausted { .. }), "{err}");
-        let l = bind_free(&(p..=p), &HashSet::new(), "t").unwrap();
-        assert_eq!(l.local_addr().unwrap().port(), p);
+        let l = bind_free(tcp, &(p..=p), &HashSet::new(), "t").unwrap();
+        assert_eq!(l.tcp().unwrap().local_addr().unwrap().port(), p);
     }
 }

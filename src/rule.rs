@@ -4,8 +4,12 @@
 
 use crate::comment::Identity;
 use crate::owner;
+use crate::port::Port;
 use crate::role::Role;
-use switcheroo_sys::{Chain, Family, Handle, RuleEntry};
+use switcheroo_sys::{Chain, Family, Handle, Protocol, RuleEntry};
+
+/// Where rules compete: one public port in one (family, chain).
+pub(crate) type Group = (Family, Chain, Port);
 
 /// One switcheroo rule of a namespace, as found in the kernel.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +22,8 @@ pub struct Rule {
     pub chain: Chain,
     /// The kernel's handle of the rule.
     pub handle: Handle,
+    /// The matched protocol (`-p tcp` or `-p udp`).
+    pub protocol: Protocol,
     /// The matched destination port (`--dport`).
     pub public_port: u16,
     /// The port connections are redirected to (`--to-ports`).
@@ -29,7 +35,8 @@ pub struct Rule {
     pub start: Option<u64>,
     /// Whether that process is still running (same pid and, when recorded, same start time).
     pub alive: bool,
-    /// The rule's place among its namespace's rules in its chain (see [`Role`]); a rule
+    /// The rule's place among its namespace's rules for the same public port in its chain
+    /// (see [`Role`]); a rule
     /// whose owner is dead keeps its place (`status` shows it as dead).
     pub role: Role,
     /// For a rule with a statistic match (a canary): the share of new connections it
@@ -57,6 +64,7 @@ impl Rule {
             family: entry.family,
             chain: entry.chain,
             handle: entry.handle,
+            protocol: redirect.protocol,
             public_port: redirect.public_port,
             internal_port: redirect.to_port,
             pid: Some(id.pid),
@@ -79,9 +87,24 @@ impl Rule {
         (self.family, self.chain, self.handle)
     }
 
-    /// Whether the rule was written by the process `id` names.
+    /// The public port the rule matches.
+    pub fn public(&self) -> Port {
+        Port {
+            protocol: self.protocol,
+            number: self.public_port,
+        }
+    }
+
+    /// What the rule competes for with the other rules of its namespace: one public port
+    /// in one (family, chain). Roles are positions within a group.
+    pub(crate) fn group(&self) -> Group {
+        (self.family, self.chain, self.public())
+    }
+
+    /// Whether the rule was written by the process `id` names (by pid and start time: an
+    /// instance has one rule per public port and chain, each with its own internal port).
     pub(crate) fn owned_by(&self, id: &Identity) -> bool {
-        self.pid == Some(id.pid) && self.start == id.start && self.internal_port == id.port
+        self.pid == Some(id.pid) && self.start == id.start
     }
 
     /// The role as `status` shows it: `dead` for a dead owner, `canary 10%` for a canary.
@@ -95,19 +118,23 @@ impl Rule {
 }
 
 /// Gives each rule of `chain_rules` (one chain's switcheroo rules, top down, of any
-/// namespaces) its role among the rules of its own namespace. A dead owner's rule keeps
-/// its place: it still catches the connections of that place.
+/// namespaces) its role among the rules of its own namespace for the same public port. A
+/// dead owner's rule keeps its place: it still catches the connections of that place.
 pub(crate) fn assign_roles(chain_rules: &mut [Rule]) {
-    let mut namespaces: Vec<String> = Vec::new();
+    let mut groups: Vec<(String, Port)> = Vec::new();
     for rule in chain_rules.iter() {
-        if !namespaces.contains(&rule.namespace) {
-            namespaces.push(rule.namespace.clone());
+        let group = (rule.namespace.clone(), rule.public());
+        if !groups.contains(&group) {
+            groups.push(group);
         }
     }
-    for namespace in namespaces {
+    for (namespace, public) in groups {
         let mut plain = 0;
         let mut canary = false;
-        for rule in chain_rules.iter_mut().filter(|r| r.namespace == namespace) {
+        for rule in chain_rules
+            .iter_mut()
+            .filter(|r| r.namespace == namespace && r.public() == public)
+        {
             rule.role = if rule.weight.is_some() {
                 if plain == 0 && !canary {
                     canary = true;

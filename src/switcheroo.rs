@@ -1,8 +1,9 @@
-//! The configuration of one service: namespace, public port, routes and internal range,
+//! The configuration of one service: namespace, public ports, routes and internal range,
 //! the network namespace it acts in; and the operations on its rules.
 
 use crate::comment::valid_namespace;
 use crate::netns::NetNs;
+use crate::port::{Bound, Port, Socket};
 use crate::record::{Key, Records};
 use crate::rule::Rule;
 use crate::snapshot::Recorded;
@@ -20,8 +21,9 @@ use switcheroo_sys::{Conn, Op};
 /// The default internal port range.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
 
-/// A service that is reached on a public port and served by whichever instance committed
-/// last, in one network namespace.
+/// A service that is reached on one or more public ports (TCP or UDP) and served by
+/// whichever instance committed last, in one network namespace. All the ports of an
+/// instance are switched together, in one transaction.
 ///
 /// The network namespace is decided when the `Switcheroo` is built: the one of the thread
 /// that calls [`Builder::build`], or the one given to [`Builder::netns`]. Every socket it
@@ -36,7 +38,7 @@ pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
 #[derive(Debug, Clone)]
 pub struct Switcheroo {
     namespace: String,
-    public_port: u16,
+    ports: Vec<Port>,
     routes: Routes,
     range: RangeInclusive<u16>,
     max_attempts: u32,
@@ -57,7 +59,7 @@ struct Link {
 #[must_use]
 pub struct Builder {
     namespace: String,
-    public_port: u16,
+    ports: Vec<Port>,
     routes: Routes,
     range: RangeInclusive<u16>,
     max_attempts: u32,
@@ -66,6 +68,24 @@ pub struct Builder {
 }
 
 impl Builder {
+    /// Adds public TCP port `port` to the service.
+    pub fn tcp(self, port: u16) -> Self {
+        self.port(Port::tcp(port))
+    }
+
+    /// Adds public UDP port `port` to the service (QUIC, DNS, ...). The instance gets a
+    /// UDP socket on an internal port for it; conntrack keeps each flow (4-tuple) on the
+    /// instance that got its first datagram.
+    pub fn udp(self, port: u16) -> Self {
+        self.port(Port::udp(port))
+    }
+
+    /// Adds a public port to the service.
+    pub fn port(mut self, port: Port) -> Self {
+        self.ports.push(port);
+        self
+    }
+
     /// Which traffic to redirect: [`Routes::NETWORK`] (PREROUTING), [`Routes::LOCALHOST`]
     /// (OUTPUT), or both (the default).
     pub fn routes(mut self, routes: Routes) -> Self {
@@ -114,8 +134,9 @@ impl Builder {
     /// Validates the configuration and decides the network namespace (opening its file).
     /// Touches neither the ruleset nor any port.
     ///
-    /// Errors: [`Error::InvalidNamespace`], [`Error::InvalidPort`], [`Error::InvalidRange`],
-    /// [`Error::PortInRange`], [`Error::NoRoutes`], [`Error::InvalidNetns`] (the given fd
+    /// Errors: [`Error::InvalidNamespace`], [`Error::NoPorts`], [`Error::InvalidPort`],
+    /// [`Error::DuplicatePort`], [`Error::InvalidRange`], [`Error::PortInRange`],
+    /// [`Error::NoRoutes`], [`Error::InvalidNetns`] (the given fd
     /// is not a network namespace), [`Error::Netns`] (`/proc` is not mounted).
     pub fn build(self) -> Result<Switcheroo> {
         if !valid_namespace(&self.namespace) {
@@ -123,8 +144,16 @@ impl Builder {
                 namespace: self.namespace,
             });
         }
-        if self.public_port == 0 {
+        if self.ports.is_empty() {
+            return Err(Error::NoPorts);
+        }
+        if self.ports.iter().any(|p| p.number == 0) {
             return Err(Error::InvalidPort);
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.ports[..i].contains(port) {
+                return Err(Error::DuplicatePort { port: *port });
+            }
         }
         let (start, end) = (*self.range.start(), *self.range.end());
         let invalid = |why| Err(Error::InvalidRange { start, end, why });
@@ -136,9 +165,9 @@ impl Builder {
                 "port 0 cannot be bound as a fixed port; start the range at 1 or above",
             );
         }
-        if self.range.contains(&self.public_port) {
+        if let Some(port) = self.ports.iter().find(|p| self.range.contains(&p.number)) {
             return Err(Error::PortInRange {
-                port: self.public_port,
+                port: port.number,
                 range: self.range,
             });
         }
@@ -151,7 +180,7 @@ impl Builder {
         };
         Ok(Switcheroo {
             namespace: self.namespace,
-            public_port: self.public_port,
+            ports: self.ports,
             routes: self.routes,
             range: self.range,
             max_attempts: self.max_attempts,
@@ -164,11 +193,27 @@ impl Builder {
 
 impl Switcheroo {
     /// Starts configuring the service `namespace` (1-64 characters of `[A-Za-z0-9_.-]`; it
-    /// tells this service's rules from every other rule) on `public_port`.
+    /// tells this service's rules from every other rule) on TCP port `public_port`. More
+    /// ports can be added with [`Builder::tcp`] and [`Builder::udp`].
     pub fn builder(namespace: impl Into<String>, public_port: u16) -> Builder {
+        Switcheroo::service(namespace).tcp(public_port)
+    }
+
+    /// Starts configuring the service `namespace` without a port: add its ports with
+    /// [`Builder::tcp`] and [`Builder::udp`] (all of them are switched together), then bind
+    /// a socket for each with [`Switcheroo::begin_all`].
+    ///
+    /// ```no_run
+    /// let sw = switcheroo::Switcheroo::service("web").tcp(80).tcp(443).udp(443).build()?;
+    /// let (sockets, takeover) = sw.begin_all()?;
+    /// // ... serve HTTP, HTTPS and HTTP/3 on sockets[0], [1] and [2] ...
+    /// takeover.commit()?;
+    /// # Ok::<(), switcheroo::Error>(())
+    /// ```
+    pub fn service(namespace: impl Into<String>) -> Builder {
         Builder {
             namespace: namespace.into(),
-            public_port,
+            ports: Vec::new(),
             routes: Routes::default(),
             range: DEFAULT_PORT_RANGE,
             max_attempts: MAX_ATTEMPTS,
@@ -182,9 +227,15 @@ impl Switcheroo {
         &self.namespace
     }
 
-    /// The public port.
+    /// The first public port (the only one of a service made with
+    /// [`Switcheroo::builder`]).
     pub fn public_port(&self) -> u16 {
-        self.public_port
+        self.ports[0].number
+    }
+
+    /// The public ports, in the order they were given.
+    pub fn ports(&self) -> &[Port] {
+        &self.ports
     }
 
     /// The routes.
@@ -211,18 +262,66 @@ impl Switcheroo {
     /// host has IPv6 disabled, in the service's network namespace. Ports that rules of
     /// this namespace still route to are skipped. Reads the ruleset, so it needs
     /// CAP_NET_ADMIN.
+    ///
+    /// [`Error::NotOneTcpPort`] for a service with other ports than one TCP port: use
+    /// [`Switcheroo::begin_all`].
     pub fn begin(&self) -> Result<(TcpListener, Takeover)> {
+        if !matches!(
+            self.ports[..],
+            [Port {
+                protocol: switcheroo_sys::Protocol::Tcp,
+                ..
+            }]
+        ) {
+            return Err(Error::NotOneTcpPort {
+                ports: self.port_list(),
+            });
+        }
+        let (mut bound, takeover) = self.begin_all()?;
+        match bound.pop().map(|b| b.socket) {
+            Some(Socket::Tcp(listener)) => Ok((listener, takeover)),
+            _ => unreachable!("begin_all binds one socket per port, of the port's protocol"),
+        }
+    }
+
+    /// Binds a socket for each public port of the service, each on its own free internal
+    /// port (a TCP listener or an unconnected UDP socket, dual-stack), and returns them in
+    /// the order the ports were given, with the [`Takeover`] that will point all the
+    /// public ports at them in one transaction. Nothing in the ruleset changes; dropping
+    /// the takeover leaves every rule as it was. Ports that rules of this namespace still
+    /// route to are skipped. Reads the ruleset, so it needs CAP_NET_ADMIN.
+    pub fn begin_all(&self) -> Result<(Vec<Bound>, Takeover)> {
         let ours = self.rules()?;
-        let taken: HashSet<u16> = ours.iter().map(|r| r.internal_port).collect();
-        let listener = self
-            .netns
-            .run(|| port::bind_free(&self.range, &taken, &self.namespace))??;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::Bind { port: 0, source: e })?
-            .port();
-        log::debug!("namespace {}: bound internal port {port}", self.namespace);
-        Ok((listener, Takeover::new(self.clone(), port)))
+        let mut taken: HashSet<u16> = ours.iter().map(|r| r.internal_port).collect();
+        let mut bound = Vec::with_capacity(self.ports.len());
+        for public in &self.ports {
+            let socket = self
+                .netns
+                .run(|| port::bind_free(public.protocol, &self.range, &taken, &self.namespace))??;
+            let addr = match &socket {
+                Socket::Tcp(l) => l.local_addr(),
+                Socket::Udp(s) => s.local_addr(),
+            };
+            let internal = addr.map_err(|e| Error::Bind { port: 0, source: e })?.port();
+            log::debug!(
+                "namespace {}: bound internal port {internal} for {public}",
+                self.namespace
+            );
+            taken.insert(internal);
+            bound.push(Bound {
+                public: *public,
+                internal,
+                socket,
+            });
+        }
+        let mappings = bound.iter().map(Bound::mapping).collect();
+        Ok((bound, Takeover::new(self.clone(), mappings)))
+    }
+
+    /// The ports as `80/tcp, 443/udp`.
+    pub(crate) fn port_list(&self) -> String {
+        let list: Vec<String> = self.ports.iter().map(Port::to_string).collect();
+        list.join(", ")
     }
 
     /// This namespace's rules, in every (family, chain), each chain top down, with whether
@@ -388,6 +487,24 @@ mod tests {
             err(Switcheroo::builder("a", 80).routes(Routes::empty())),
             Error::NoRoutes
         ));
+    }
+
+    #[test]
+    fn a_service_needs_distinct_ports_outside_the_range() {
+        assert!(matches!(err(Switcheroo::service("a")), Error::NoPorts));
+        assert!(matches!(
+            err(Switcheroo::service("a").udp(53).tcp(53).udp(53)),
+            Error::DuplicatePort { port } if port == Port::udp(53)
+        ));
+        assert!(matches!(
+            err(Switcheroo::service("a").tcp(80).udp(40450)),
+            Error::PortInRange { port: 40450, .. }
+        ));
+        let sw = Switcheroo::service("a").tcp(80).udp(80).build().unwrap();
+        assert_eq!(sw.ports(), [Port::tcp(80), Port::udp(80)]);
+        assert!(matches!(sw.begin(), Err(Error::NotOneTcpPort { .. })));
+        let udp_only = Switcheroo::service("a").udp(53).build().unwrap();
+        assert!(matches!(udp_only.begin(), Err(Error::NotOneTcpPort { .. })));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The switch: one transaction that points the public port at this instance and removes
-//! every older rule of the namespace, then the termination of their owners.
+//! The switch: one transaction that points every public port of the service at this
+//! instance and removes every older rule of the namespace, then the termination of their
+//! owners.
 
 use crate::comment::Identity;
 use crate::deploy::{self, Deploy};
 use crate::owner::{self, terminate_all};
+use crate::port::Mapping;
 use crate::role::Role;
 use crate::rule::owners;
 use crate::rule::Rule;
@@ -17,7 +19,7 @@ use switcheroo_sys::{Chain, Family, Op, Redirect};
 #[must_use = "nothing is switched until commit() is called"]
 pub struct Takeover {
     sw: Switcheroo,
-    port: u16,
+    mappings: Vec<Mapping>,
     probation: Option<Duration>,
     canary: Option<u8>,
 }
@@ -25,10 +27,12 @@ pub struct Takeover {
 /// What [`Takeover::commit`] did.
 #[derive(Debug, Clone)]
 pub struct Report {
-    /// The internal port the public port now leads to.
+    /// The internal port the (first) public port now leads to.
     pub port: u16,
-    /// The rules inserted, one per (family, chain) of the routes, with the handles the
-    /// kernel gave them.
+    /// Each public port and the internal port it now leads to.
+    pub mappings: Vec<Mapping>,
+    /// The rules inserted, one per public port and (family, chain) of the routes, with the
+    /// handles the kernel gave them.
     pub inserted: Vec<Rule>,
     /// The older rules of the namespace that the same transaction deleted.
     pub removed: Vec<Rule>,
@@ -53,10 +57,10 @@ pub struct Report {
 }
 
 impl Takeover {
-    pub(crate) fn new(sw: Switcheroo, port: u16) -> Self {
+    pub(crate) fn new(sw: Switcheroo, mappings: Vec<Mapping>) -> Self {
         Takeover {
             sw,
-            port,
+            mappings,
             probation: None,
             canary: None,
         }
@@ -83,12 +87,17 @@ impl Takeover {
         self
     }
 
-    /// The internal port of this instance.
+    /// The internal port of this instance for the (first) public port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.mappings[0].internal
     }
 
-    /// Points the public port at this instance, atomically.
+    /// Each public port and the internal port it will lead to.
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    /// Points every public port of the service at this instance, atomically.
     ///
     /// Takes the namespace's commit lock (an nftables table owned by the socket; only a
     /// process with CAP_NET_ADMIN can hold it, and a dead holder releases it), reads the
@@ -96,7 +105,8 @@ impl Takeover {
     /// or, with a [record directory](crate::Builder::record_dir) and an unchanged
     /// generation, each recorded rule fetched by handle), then sends ONE batch that creates
     /// the nat table and chains where missing, inserts the new redirect at the head of
-    /// each chain of the routes, deletes every older rule of the namespace by handle, and
+    /// each chain of the routes for each public port (each rule's comment names its own
+    /// internal port), deletes every older rule of the namespace by handle, and
     /// releases the lock. If the ruleset changed in between, the kernel refuses the batch
     /// whole; it is recomputed from a fresh read after a short random pause, up to
     /// [`crate::Builder::max_attempts`] attempts ([`crate::Error::Conflict`] after that,
@@ -108,24 +118,29 @@ impl Takeover {
         let started = Instant::now();
         let sw = &self.sw;
         let (pid, start) = owner::this_process();
-        let comment = Identity {
-            namespace: sw.namespace().to_owned(),
-            port: self.port,
-            pid,
-            start,
-        }
-        .to_string();
-        let mut redirect = Redirect::new(sw.public_port(), self.port, &comment)?;
         let how = match (self.canary, self.probation) {
-            (Some(percent), _) => {
-                redirect = redirect
-                    .with_percent(percent)
-                    .map_err(|_| Error::InvalidCanary { percent })?;
-                Deploy::Canary
-            }
+            (Some(_), _) => Deploy::Canary,
             (None, Some(_)) => Deploy::Probation,
             (None, None) => Deploy::Replace,
         };
+        let mut redirects = Vec::with_capacity(self.mappings.len());
+        for m in &self.mappings {
+            let comment = Identity {
+                namespace: sw.namespace().to_owned(),
+                port: m.internal,
+                pid,
+                start,
+            }
+            .to_string();
+            let mut redirect = Redirect::new(m.public.number, m.internal, &comment)?
+                .with_protocol(m.public.protocol);
+            if let Some(percent) = self.canary {
+                redirect = redirect
+                    .with_percent(percent)
+                    .map_err(|_| Error::InvalidCanary { percent })?;
+            }
+            redirects.push(redirect);
+        }
         let routes = sw.routes();
         let wanted = |chain| routes.has_chain(chain);
 
@@ -133,12 +148,16 @@ impl Takeover {
             sw.transaction(recorded, &wanted).run(conn, |snap, batch| {
                 let kept = deploy::kept_by(snap, how);
                 if how == Deploy::Canary {
-                    // Every chain the canary enters needs an active to share with.
+                    // Every port and chain the canary enters needs an active to share with.
                     let all_have_active = Family::ALL.into_iter().all(|f| {
                         Chain::ALL
                             .into_iter()
                             .filter(|c| routes.has_chain(*c))
-                            .all(|c| kept.iter().any(|r| (r.family, r.chain) == (f, c)))
+                            .all(|c| {
+                                self.mappings
+                                    .iter()
+                                    .all(|m| kept.iter().any(|r| r.group() == (f, c, m.public)))
+                            })
                     });
                     if !all_have_active {
                         return Err(Error::CanaryWithoutActive {
@@ -155,7 +174,9 @@ impl Takeover {
                             batch.push(Op::AddChain(family, chain));
                         }
                         if routes.has_chain(chain) {
-                            batch.insert_rule(family, chain, redirect.clone());
+                            for redirect in &redirects {
+                                batch.insert_rule(family, chain, redirect.clone());
+                            }
                         }
                     }
                 }
@@ -167,11 +188,11 @@ impl Takeover {
             })
         })?;
         let elapsed = started.elapsed();
+        let list: Vec<String> = self.mappings.iter().map(Mapping::to_string).collect();
         info!(
-            "namespace {}: port {} now leads to {} (pid {pid}); removed {} older rules in {:?} ({} attempts)",
+            "namespace {}: {} (pid {pid}); removed {} older rules in {:?} ({} attempts)",
             sw.namespace(),
-            sw.public_port(),
-            self.port,
+            list.join(", "),
             outcome.removed.len(),
             elapsed,
             outcome.attempts,
@@ -193,7 +214,8 @@ impl Takeover {
             .collect();
         let signalled = terminate_all(owners(&leaving));
         Ok(Report {
-            port: self.port,
+            port: self.port(),
+            mappings: self.mappings,
             inserted: outcome.inserted,
             removed: outcome.removed,
             signalled,

@@ -366,10 +366,11 @@ impl Tenure {
             let Some(first) = mine.first() else {
                 return Ok(self.removed(&rules));
             };
-            // The instance directly above, in the chain of this instance's first rule.
+            // The instance directly above, among the rules for the public port and chain of
+            // this instance's first rule (all its ports move together).
             let chain: Vec<&Rule> = rules
                 .iter()
-                .filter(|r| (r.family, r.chain) == (first.family, first.chain))
+                .filter(|r| r.group() == first.group())
                 .collect();
             let position = chain.iter().position(|r| r.owned_by(&self.me)).unwrap_or(0);
             let over = &chain[..position];

@@ -11,7 +11,7 @@
 
 use crate::attr::{self, Attrs, MsgBuilder};
 use crate::error::Context;
-use crate::{Conn, Error, Family};
+use crate::{Conn, Error, Family, Protocol};
 use nix::errno::Errno;
 
 /// `linux/netfilter/nfnetlink_conntrack.h`; the libc crate does not carry these.
@@ -22,7 +22,9 @@ mod cta {
 
     pub const TUPLE_ORIG: u16 = 1;
     pub const TUPLE_REPLY: u16 = 2;
+    pub const STATUS: u16 = 3;
     pub const PROTOINFO: u16 = 4;
+    pub const TIMEOUT: u16 = 7;
     pub const PROTOINFO_TCP: u16 = 1;
     pub const PROTOINFO_TCP_STATE: u16 = 1;
     pub const ID: u16 = 12;
@@ -45,18 +47,35 @@ const CT: u16 = (libc::NFNL_SUBSYS_CTNETLINK as u16) << 8;
 pub struct Entry {
     /// The address family.
     pub family: Family,
-    /// The transport protocol (`IPPROTO_TCP`, `IPPROTO_UDP`).
-    pub protocol: u8,
+    /// The transport protocol.
+    pub protocol: Protocol,
     /// The source port of the reply direction: the port the connection was redirected to.
     pub reply_port: u16,
     /// For TCP, conntrack's state of the connection (`TCP_CONNTRACK_*`: 3 established,
     /// 7 TIME_WAIT, 8 CLOSE, ...).
     pub tcp_state: Option<u8>,
+    /// The seconds left before the entry expires (`CTA_TIMEOUT`; conntrack resets it to
+    /// the state's timeout on each packet).
+    pub timeout: Option<u32>,
+    /// The entry's status bits (`CTA_STATUS`, `IPS_*`).
+    pub status: u32,
     /// The `CTA_TUPLE_ORIG` attribute as the kernel sent it.
     orig: Vec<u8>,
     /// `CTA_ID` and `CTA_ZONE`, as the kernel sent them.
     id: Option<Vec<u8>>,
     zone: Option<Vec<u8>>,
+}
+
+/// `IPS_ASSURED` (`linux/netfilter/nf_conntrack_common.h`).
+const IPS_ASSURED: u32 = 1 << 2;
+
+impl Entry {
+    /// Whether conntrack has seen traffic both ways long enough to call the flow assured
+    /// (for UDP: replies, and packets 2 s after the first; such a flow gets the longer
+    /// `nf_conntrack_udp_timeout_stream`).
+    pub fn assured(&self) -> bool {
+        self.status & IPS_ASSURED != 0
+    }
 }
 
 impl Conn {
@@ -67,7 +86,7 @@ impl Conn {
     pub fn conntrack_to_port(
         &mut self,
         family: Family,
-        protocol: u8,
+        protocol: Protocol,
         port: u16,
     ) -> Result<Vec<Entry>, Error> {
         let op = || format!("dumping the {family} conntrack entries redirected to port {port}");
@@ -83,7 +102,7 @@ impl Conn {
                 );
                 m.begin(cta::TUPLE_REPLY)
                     .begin(cta::TUPLE_PROTO)
-                    .attr(cta::PROTO_NUM, &[protocol])
+                    .attr(cta::PROTO_NUM, &[protocol.number()])
                     .attr(cta::PROTO_SRC_PORT, &port.to_be_bytes())
                     .end()
                     .end();
@@ -154,12 +173,15 @@ fn parse_entry(family: Family, payload: &[u8]) -> Option<Entry> {
     }
     let body = payload.get(4..)?;
     let (mut orig, mut id, mut zone, mut reply, mut tcp_state) = (None, None, None, None, None);
+    let (mut timeout, mut status) = (None, 0);
     for (kind, whole) in attr::raw_attrs(body) {
         match kind {
             cta::TUPLE_ORIG => orig = Some(whole.to_vec()),
             cta::ID => id = Some(whole.to_vec()),
             cta::ZONE => zone = Some(whole.to_vec()),
             cta::TUPLE_REPLY => reply = Some(whole.get(4..)?),
+            cta::TIMEOUT => timeout = attr::be_u32(whole.get(4..)?),
+            cta::STATUS => status = attr::be_u32(whole.get(4..)?)?,
             cta::PROTOINFO => {
                 tcp_state = Attrs(whole.get(4..)?)
                     .get(cta::PROTOINFO_TCP)
@@ -170,13 +192,15 @@ fn parse_entry(family: Family, payload: &[u8]) -> Option<Entry> {
         }
     }
     let proto = Attrs(reply?).get(cta::TUPLE_PROTO)?;
-    let protocol = *Attrs(proto).get(cta::PROTO_NUM)?.first()?;
+    let protocol = Protocol::from_number(*Attrs(proto).get(cta::PROTO_NUM)?.first()?)?;
     let reply_port = attr::be_u16(Attrs(proto).get(cta::PROTO_SRC_PORT)?)?;
     Some(Entry {
         family,
         protocol,
         reply_port,
         tcp_state,
+        timeout,
+        status,
         orig: orig?,
         id,
         zone,

@@ -2,8 +2,8 @@
 //!
 //! This crate is the one place where switcheroo touches raw pointers and netlink buffers.
 //! It builds rules with libnftnl exactly as iptables-nft 1.8 encodes
-//! `-p tcp -m tcp --dport P -m addrtype --dst-type LOCAL -m comment --comment C -j REDIRECT --to-ports Q`,
-//! dumps and parses the rules of one chain (filtered by table and chain in the kernel),
+//! `-p tcp -m tcp --dport P -m addrtype --dst-type LOCAL -m comment --comment C -j REDIRECT --to-ports Q`
+//! (and `-p udp -m udp`), dumps and parses the rules of one chain (filtered by table and chain in the kernel),
 //! and sends atomic batches whose rules are deleted by kernel handle.
 //!
 //! ```no_run
@@ -51,5 +51,5 @@ pub use conn::{Applied, Conn};
 pub use error::Error;
 pub use listen::accept_queue_len;
 pub use pidfd::PidFd;
-pub use rule::{parse_rule_message, Redirect, RuleEntry, COMMENT_MAX};
+pub use rule::{parse_rule_message, Protocol, Redirect, RuleEntry, COMMENT_MAX};
 pub use table::{Chain, Family, Handle, TABLE};

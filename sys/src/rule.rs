@@ -1,12 +1,13 @@
 //! The redirect rule, built exactly as iptables-nft 1.8 builds
-//! `-p tcp -m tcp --dport P -m addrtype --dst-type LOCAL -m comment --comment C -j REDIRECT --to-ports Q`,
-//! and parsed back from a dump or an echo.
+//! `-p tcp -m tcp --dport P -m addrtype --dst-type LOCAL -m comment --comment C -j REDIRECT --to-ports Q`
+//! (or the same with `-p udp -m udp`), and parsed back from a dump or an echo.
 //!
-//! Expressions, in iptables-nft's order: `meta l4proto` + `cmp` (for `-p tcp`), `payload`
-//! (transport header, offset 2, 2 bytes) + `cmp` (for `--dport`), xt `match addrtype` rev 1,
+//! Expressions, in iptables-nft's order: `meta l4proto` + `cmp` (for `-p tcp` or `-p udp`),
+//! `payload` (transport header, offset 2, 2 bytes: the destination port of TCP and UDP
+//! alike) + `cmp` (for `--dport`), xt `match addrtype` rev 1,
 //! for a canary xt `match statistic` rev 0 (`--mode random --probability P`), xt `match
 //! comment` rev 0, `counter`, xt `target REDIRECT` rev 0; plus the rule's compat attribute
-//! (proto tcp). A native `redir` expression or a comment kept in the rule's udata
+//! (the protocol's number). A native `redir` expression or a comment kept in the rule's udata
 //! would make iptables-nft 1.8 call the whole table incompatible, so neither is ever emitted.
 
 use crate::attr::{self, nla, Attrs};
@@ -18,12 +19,54 @@ use std::ffi::CString;
 /// The longest comment xt_comment can carry (its 256-byte buffer holds a terminating NUL).
 pub const COMMENT_MAX: usize = xt::COMMENT_LEN - 1;
 
-const IPPROTO_TCP: u8 = libc::IPPROTO_TCP as u8;
+/// The transport protocol a rule matches (`-p tcp -m tcp` or `-p udp -m udp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Protocol {
+    /// TCP: connections.
+    #[default]
+    Tcp,
+    /// UDP: datagrams, in flows that conntrack keeps by their 4-tuple.
+    Udp,
+}
 
-/// What a switcheroo rule does: TCP to a local address on `public_port` is redirected to
-/// `to_port`, and the rule carries `comment`.
+impl Protocol {
+    /// Both, TCP first.
+    pub const ALL: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+    /// The IP protocol number (`IPPROTO_TCP` 6, `IPPROTO_UDP` 17).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => libc::IPPROTO_TCP as u8,
+            Protocol::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+
+    /// `tcp` or `udp`, as iptables spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The protocol of number `n`, if it is TCP or UDP.
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.number() == n)
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a switcheroo rule does: TCP (or UDP) to a local address on `public_port` is
+/// redirected to `to_port`, and the rule carries `comment`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Redirect {
+    /// The transport protocol matched (`-p tcp -m tcp` or `-p udp -m udp`).
+    pub protocol: Protocol,
     /// The destination port that is matched (`--dport`).
     pub public_port: u16,
     /// The port connections are redirected to (`--to-ports`).
@@ -43,7 +86,8 @@ pub struct Redirect {
 const PROBABILITY_ONE: f64 = 2_147_483_648.0;
 
 impl Redirect {
-    /// A redirect of local TCP traffic to `public_port` towards `to_port`.
+    /// A redirect of local TCP traffic to `public_port` towards `to_port` (see
+    /// [`Redirect::with_protocol`] for UDP).
     ///
     /// Fails with [`Error::InvalidRule`] if a port is 0 or the comment is longer than
     /// [`COMMENT_MAX`] bytes, contains a NUL byte, or is not printable ASCII (iptables-nft-save
@@ -68,12 +112,19 @@ impl Redirect {
             ));
         }
         Ok(Redirect {
+            protocol: Protocol::Tcp,
             public_port,
             to_port,
             comment: comment.to_owned(),
             local_only: true,
             probability: None,
         })
+    }
+
+    /// The same redirect for `protocol` (a new one is TCP).
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     /// The same redirect for only a share of new connections, `percent` of them (1-99),
@@ -107,17 +158,18 @@ impl Redirect {
         let mut rule = RuleObj::new();
         rule.set_str(sys::NFTNL_RULE_TABLE as u16, &cstring(TABLE));
         rule.set_str(sys::NFTNL_RULE_CHAIN as u16, chain);
-        rule.set_u32(sys::NFTNL_RULE_COMPAT_PROTO as u16, IPPROTO_TCP.into());
+        let proto = self.protocol.number();
+        rule.set_u32(sys::NFTNL_RULE_COMPAT_PROTO as u16, proto.into());
         rule.set_u32(sys::NFTNL_RULE_COMPAT_FLAGS as u16, 0);
 
-        // -p tcp
+        // -p tcp / -p udp
         let mut meta = Expr::new(c"meta");
         meta.set_u32(sys::NFTNL_EXPR_META_KEY, libc::NFT_META_L4PROTO as u32);
         meta.set_u32(sys::NFTNL_EXPR_META_DREG, libc::NFT_REG_1 as u32);
         rule.add_expr(meta);
-        rule.add_expr(cmp_eq(&[IPPROTO_TCP]));
+        rule.add_expr(cmp_eq(&[proto]));
 
-        // -m tcp --dport P
+        // -m tcp --dport P / -m udp --dport P
         let mut payload = Expr::new(c"payload");
         payload.set_u32(sys::NFTNL_EXPR_PAYLOAD_DREG, libc::NFT_REG_1 as u32);
         payload.set_u32(
@@ -290,7 +342,10 @@ fn parse_redirect(family: Family, list: &[u8]) -> Option<Redirect> {
         && u32_attr(&meta, nla::META_DREG)? == libc::NFT_REG_1 as u32)
         .then_some(())?;
     let (name, cmp) = it.next()?;
-    (name == "cmp" && cmp_eq_value(&cmp)? == [IPPROTO_TCP]).then_some(())?;
+    let protocol = match (name, cmp_eq_value(&cmp)?) {
+        ("cmp", [n]) => Protocol::from_number(*n)?,
+        _ => return None,
+    };
 
     let (name, payload) = it.next()?;
     (name == "payload"
@@ -344,6 +399,7 @@ fn parse_redirect(family: Family, list: &[u8]) -> Option<Redirect> {
         return None;
     }
     Some(Redirect {
+        protocol,
         public_port,
         to_port,
         comment: comment?,

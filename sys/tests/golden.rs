@@ -6,11 +6,13 @@
 //!
 //! in a fresh network namespace, so each starts by creating the table and the chain; and
 //! the same with `-m statistic --mode random --probability 0.2` (IPv4 OUTPUT) and `0.1`
-//! (IPv6 PREROUTING) after the addrtype match, as a canary's rule is written.
+//! (IPv6 PREROUTING) after the addrtype match, as a canary's rule is written; and the same
+//! rules with `-p udp -m udp --dport 8080` (IPv4 OUTPUT, IPv6 PREROUTING, each in a fresh
+//! namespace), as a UDP port's rule is written.
 //! Our batch must carry the same messages byte for byte; only the netlink header flags
 //! differ, because we ask for acks and for the echo of the new rule.
 
-use switcheroo_sys::{Batch, Chain, Family, Op, Redirect};
+use switcheroo_sys::{Batch, Chain, Family, Op, Protocol, Redirect};
 
 const COMMENT: &str = "SWITCHEROO:ns=app:port=40400:pid=1234:start=98765";
 
@@ -132,19 +134,75 @@ fn ipv6_canary_batch_matches_ip6tables_nft_statistic() {
 }
 
 #[test]
-fn the_captured_canary_rule_parses_back_with_its_share() {
-    // The rule message of the capture, as the kernel would echo it (without the compat
-    // attribute, which the kernel does not keep, the parser ignores it anyway).
-    let golden = include_bytes!("golden/iptables-nft-ip-output-statistic.batch");
+fn ipv4_udp_batch_matches_iptables_nft() {
+    let rule = Redirect::new(8080, 40400, COMMENT)
+        .unwrap()
+        .with_protocol(Protocol::Udp);
+    check_rule(
+        include_bytes!("golden/iptables-nft-ip-output-udp.batch"),
+        1,
+        Family::Ipv4,
+        Chain::Output,
+        rule,
+    );
+}
+
+#[test]
+fn ipv6_udp_batch_matches_ip6tables_nft() {
+    let rule = Redirect::new(8080, 40400, COMMENT)
+        .unwrap()
+        .with_protocol(Protocol::Udp);
+    check_rule(
+        include_bytes!("golden/ip6tables-nft-ip6-prerouting-udp.batch"),
+        1,
+        Family::Ipv6,
+        Chain::Prerouting,
+        rule,
+    );
+}
+
+/// The rule message of a capture, as the kernel would dump it: with a handle appended
+/// (the compat attribute, which the kernel does not keep, is ignored by the parser).
+fn dumped(golden: &[u8]) -> Vec<u8> {
     let rule = split(golden)
         .into_iter()
         .find(|m| m.kind == (libc::NFNL_SUBSYS_NFTABLES as u16) << 8 | libc::NFT_MSG_NEWRULE as u16)
         .unwrap();
     let mut body = rule.body.clone();
-    // A dump carries the handle: append NFTA_RULE_HANDLE (3), big endian.
+    // NFTA_RULE_HANDLE (3), big endian.
     body.extend_from_slice(&[12, 0, 3, 0]);
     body.extend_from_slice(&7u64.to_be_bytes());
-    let entry = switcheroo_sys::parse_rule_message(&body).expect("parses");
+    body
+}
+
+#[test]
+fn the_captured_udp_rules_parse_back_as_udp_and_tcp_as_tcp() {
+    for (golden, protocol) in [
+        (
+            &include_bytes!("golden/iptables-nft-ip-output-udp.batch")[..],
+            Protocol::Udp,
+        ),
+        (
+            &include_bytes!("golden/ip6tables-nft-ip6-prerouting-udp.batch")[..],
+            Protocol::Udp,
+        ),
+        (
+            &include_bytes!("golden/iptables-nft-ip-output.batch")[..],
+            Protocol::Tcp,
+        ),
+    ] {
+        let entry = switcheroo_sys::parse_rule_message(&dumped(golden)).expect("parses");
+        let redirect = entry.redirect.expect("a redirect of ours");
+        assert_eq!(redirect.protocol, protocol);
+        assert_eq!((redirect.public_port, redirect.to_port), (8080, 40400));
+        assert_eq!(redirect.comment, COMMENT);
+    }
+}
+
+#[test]
+fn the_captured_canary_rule_parses_back_with_its_share() {
+    let golden = include_bytes!("golden/iptables-nft-ip-output-statistic.batch");
+    let entry = switcheroo_sys::parse_rule_message(&dumped(golden)).expect("parses");
     let redirect = entry.redirect.expect("a redirect of ours");
     assert_eq!(redirect.probability, Some(429_496_730));
     assert!((redirect.share() - 0.2).abs() < 1e-9);

@@ -4,7 +4,7 @@
 //! CI (`CI=true`), where it fails.
 
 use std::process::Command;
-use switcheroo_sys::{Batch, Chain, Conn, Error, Family, Op, OwnedTable, Redirect};
+use switcheroo_sys::{Batch, Chain, Conn, Error, Family, Op, OwnedTable, Protocol, Redirect};
 
 fn privileged() -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -230,7 +230,7 @@ fn conntrack_entries_redirected_to_a_port_are_listed_and_deleted_one_by_one() {
         let clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect("127.0.0.1:8080").unwrap())
             .collect();
-        let tcp = libc::IPPROTO_TCP as u8;
+        let (tcp, udp) = (Protocol::Tcp, Protocol::Udp);
         let entries = conn.conntrack_to_port(Family::Ipv4, tcp, port).unwrap();
         assert_eq!(entries.len(), 3, "{entries:?}");
         assert!(entries.iter().all(|e| e.reply_port == port));
@@ -239,7 +239,6 @@ fn conntrack_entries_redirected_to_a_port_are_listed_and_deleted_one_by_one() {
             .conntrack_to_port(Family::Ipv4, tcp, port ^ 1)
             .unwrap()
             .is_empty());
-        let udp = libc::IPPROTO_UDP as u8;
         assert!(conn
             .conntrack_to_port(Family::Ipv4, udp, port)
             .unwrap()
@@ -253,5 +252,66 @@ fn conntrack_entries_redirected_to_a_port_are_listed_and_deleted_one_by_one() {
             2
         );
         drop(clients);
+    });
+}
+
+#[test]
+fn a_udp_redirect_answers_from_the_public_port_and_its_flow_is_tracked_and_forgotten() {
+    if !privileged() {
+        return;
+    }
+    in_new_netns(|path| {
+        let up = Command::new("nsenter")
+            .arg(format!("--net={path}"))
+            .args(["ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        let mut conn = Conn::open().unwrap();
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let mut b = Batch::new(None);
+        b.push(Op::AddTable(Family::Ipv4));
+        b.push(Op::AddChain(Family::Ipv4, Chain::Output));
+        let comment = format!("SWITCHEROO:ns=t:port={port}:pid=1:start=1");
+        let rule = Redirect::new(5353, port, &comment)
+            .unwrap()
+            .with_protocol(Protocol::Udp);
+        b.insert_rule(Family::Ipv4, Chain::Output, rule.clone());
+        let applied = conn.apply(&b).unwrap();
+        assert_eq!(applied.inserted[0].redirect.as_ref(), Some(&rule));
+
+        // A client "connected" to the public port gets the answer from it: the reply was
+        // mapped back by the flow's conntrack entry.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect("127.0.0.1:5353").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        client.send(b"ping").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(&buf[..n], from).unwrap();
+        assert_eq!(client.recv(&mut buf).unwrap(), 4);
+
+        let entries = conn
+            .conntrack_to_port(Family::Ipv4, Protocol::Udp, port)
+            .unwrap();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let entry = &entries[0];
+        assert_eq!((entry.protocol, entry.reply_port), (Protocol::Udp, port));
+        // A new flow with a reply has the unreplied-flow timeout (30 s by default) and is
+        // not assured yet.
+        assert!(matches!(entry.timeout, Some(1..=30)), "{entry:?}");
+        assert!(!entry.assured());
+        assert!(conn
+            .conntrack_to_port(Family::Ipv4, Protocol::Tcp, port)
+            .unwrap()
+            .is_empty());
+        assert!(conn.delete_conntrack(entry).unwrap());
+        assert!(conn
+            .conntrack_to_port(Family::Ipv4, Protocol::Udp, port)
+            .unwrap()
+            .is_empty());
     });
 }

@@ -2,7 +2,7 @@
 //! it must never panic, and whatever we encode it must read back unchanged.
 
 use proptest::prelude::*;
-use switcheroo_sys::{parse_rule_message, Batch, Chain, Family, Redirect};
+use switcheroo_sys::{parse_rule_message, Batch, Chain, Family, Protocol, Redirect};
 
 /// The NEWRULE message of a one-insert batch, as the payload after `nlmsghdr`, with the
 /// handle attribute the kernel adds to dumps and echoes.
@@ -33,9 +33,12 @@ fn redirect() -> impl Strategy<Value = Redirect> {
         1u16..,
         "[ !#-\\[\\]-~]{0,255}",
         proptest::option::of(1u8..=99),
+        prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)],
     )
-        .prop_map(|(p, q, c, percent)| {
-            let r = Redirect::new(p, q, &c).expect("valid by construction");
+        .prop_map(|(p, q, c, percent, protocol)| {
+            let r = Redirect::new(p, q, &c)
+                .expect("valid by construction")
+                .with_protocol(protocol);
             match percent {
                 Some(percent) => r.with_percent(percent).expect("1-99"),
                 None => r,
