@@ -17,10 +17,12 @@
 //! # }
 //! ```
 
+use crate::port::Socket;
 use std::io;
 use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use switcheroo_sys::activation::Passed;
 
 /// The listening socket passed as fd 3 (`LISTEN_FDS`/`LISTEN_PID` name this process), or
 /// `None` when the process was not started that way. The first call takes it; later calls
@@ -29,6 +31,25 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 /// Errors: the variables are set for this process but fd 3 is not a listening TCP socket.
 pub fn listener() -> io::Result<Option<TcpListener>> {
     switcheroo_sys::activation::take_listener()
+}
+
+/// Every socket passed as fds 3, 4, ... (`LISTEN_FDS` of them, `LISTEN_PID` naming this
+/// process), in order, each with its name from `LISTEN_FDNAMES` (`switcheroo run` names
+/// them after `--port NAME=PORT`), or `None` when the process was not started that way.
+/// The first call (of this or [`listener`]) takes them; later calls return `None`.
+///
+/// Errors: the variables are set for this process but a passed fd is not a listening TCP
+/// socket or a UDP socket.
+pub fn sockets() -> io::Result<Option<Vec<(String, Socket)>>> {
+    Ok(switcheroo_sys::activation::take_sockets()?.map(|passed| {
+        passed
+            .into_iter()
+            .map(|(name, p)| match p {
+                Passed::Tcp(l) => (name, Socket::Tcp(l)),
+                Passed::Udp(u) => (name, Socket::Udp(u)),
+            })
+            .collect()
+    }))
 }
 
 /// Sends `state` (e.g. `READY=1`, `STATUS=...`, `STOPPING=1`) to the service manager's

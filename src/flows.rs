@@ -10,7 +10,8 @@
 //!
 //! [`FlowDrain`] waits until the flows still mapped to a port have been quiet for an idle
 //! period (bounded by a maximum), reading them from conntrack. When the instance leaves,
-//! [`Switcheroo::forget_flows`] deletes the entries that still map to its port: otherwise
+//! [`Switcheroo::flows`] and [`Flows::forget`] delete the entries that still map to its
+//! port: otherwise
 //! a flow that goes on would keep feeding the closed port (answered by ICMP port
 //! unreachable) until its entry expired, and with it the flow would be mapped afresh, to
 //! the current instance.
@@ -226,17 +227,39 @@ impl UdpTimeouts {
     }
 }
 
-impl Switcheroo {
-    /// Deletes the conntrack entries that map UDP flows to the internal port `port` (both
-    /// families) in the service's network namespace, and returns how many there were.
-    /// What an instance does as it leaves, after its last answer: a flow that goes on is
-    /// then mapped afresh, to the instance that serves now, instead of feeding a closed
-    /// port until its entry expires. Call it when nothing serves `port` any more; a flow
-    /// still answered from `port` afterwards would reach its client from the internal
-    /// port, not the public one.
-    pub fn forget_flows(&self, port: u16) -> Result<usize> {
-        self.with_conn(|conn, _| {
+/// The UDP flows that conntrack maps to one internal port, as read at one moment; see
+/// [`Switcheroo::flows`].
+#[derive(Debug)]
+pub struct Flows {
+    sw: Switcheroo,
+    port: u16,
+    entries: Vec<Entry>,
+}
+
+impl Flows {
+    /// How many flows there were.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there were none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Deletes the entries read, then any that appeared since (a second, filtered dump),
+    /// and returns how many were deleted. The read happened earlier, so the deletes take
+    /// microseconds: a datagram that arrives between the last answer and the deletion
+    /// would be lost with the socket.
+    pub fn forget(self) -> Result<usize> {
+        let Flows { sw, port, entries } = self;
+        sw.with_conn(|conn, _| {
             let mut forgotten = 0;
+            for entry in &entries {
+                if conn.delete_conntrack(entry)? {
+                    forgotten += 1;
+                }
+            }
             for family in Family::ALL {
                 for entry in conn.conntrack_to_port(family, Protocol::Udp, port)? {
                     if conn.delete_conntrack(&entry)? {
@@ -247,11 +270,35 @@ impl Switcheroo {
             if forgotten > 0 {
                 log::debug!(
                     "namespace {}: forgot {forgotten} UDP flows of port {port}",
-                    self.namespace()
+                    sw.namespace()
                 );
             }
             Ok(forgotten)
         })
+    }
+}
+
+impl Switcheroo {
+    /// The UDP flows that conntrack maps to the internal port `port` (both families) in
+    /// the service's network namespace, to [`forget`](Flows::forget) as the instance
+    /// behind `port` leaves. Read them while still answering, answer what is queued, then
+    /// forget them and close: a flow that goes on is then mapped afresh, to the instance
+    /// that serves now, instead of feeding a closed port until its entry expires. (A flow
+    /// still answered from `port` after it is forgotten would reach its client from the
+    /// internal port, not the public one.) Needs CAP_NET_ADMIN.
+    pub fn flows(&self, port: u16) -> Result<Flows> {
+        Ok(Flows {
+            sw: self.clone(),
+            port,
+            entries: flows_to(self, port)?,
+        })
+    }
+
+    /// [`Switcheroo::flows`] and [`Flows::forget`] in one call: deletes the conntrack
+    /// entries that map UDP flows to the internal port `port`, and returns how many there
+    /// were.
+    pub fn forget_flows(&self, port: u16) -> Result<usize> {
+        self.flows(port)?.forget()
     }
 }
 

@@ -80,7 +80,7 @@ pub use comment::Identity;
 pub use drain::{accept_queue_of_port, Drain, DrainReport, DrainTracker};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
-pub use flows::{FlowDrain, FlowReport, FlowTracker};
+pub use flows::{FlowDrain, FlowReport, FlowTracker, Flows};
 pub use history::{promote, rollback, Promotion, Rollback};
 pub use port::{Bound, Mapping, Port, Socket};
 pub use role::Role;
