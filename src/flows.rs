@@ -247,12 +247,19 @@ impl Flows {
         self.entries.is_empty()
     }
 
-    /// Deletes the entries read, then any that appeared since (a second, filtered dump),
-    /// and returns how many were deleted. The read happened earlier, so the deletes take
-    /// microseconds: a datagram that arrives between the last answer and the deletion
-    /// would be lost with the socket.
+    /// Deletes the entries read, the most recently active first, then any that appeared
+    /// since (a second, filtered dump), and returns how many were deleted. The read
+    /// happened earlier, so a busy flow's entry goes within microseconds of the call: a
+    /// datagram that arrives between the last answer and that deletion is lost with the
+    /// socket.
     pub fn forget(self) -> Result<usize> {
-        let Flows { sw, port, entries } = self;
+        let Flows {
+            sw,
+            port,
+            mut entries,
+        } = self;
+        let timeouts = UdpTimeouts::read(&sw)?;
+        entries.sort_by_key(|e| timeouts.quiet_secs(e.assured(), e.timeout));
         sw.with_conn(|conn, _| {
             let mut forgotten = 0;
             for entry in &entries {

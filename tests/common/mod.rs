@@ -166,6 +166,16 @@ impl Netns {
         self.hello_with(&[], args)
     }
 
+    /// Starts the example `name` with `args` in the namespace and waits for its
+    /// `ready pid=P port=Q` line.
+    pub fn example(&self, name: &str, args: &[&str]) -> Hello {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(example(name))
+            .args(args);
+        Hello::start(cmd)
+    }
+
     /// Starts `hello` under `wrapper` (e.g. `strace` and its options, or `setpriv ...`).
     pub fn hello_with(&self, wrapper: &[&str], args: &[&str]) -> Hello {
         let mut cmd = Command::new("ip");
