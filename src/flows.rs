@@ -237,6 +237,11 @@ pub struct Flows {
 }
 
 impl Flows {
+    /// The internal port the flows map to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// How many flows there were.
     pub fn len(&self) -> usize {
         self.entries.len()

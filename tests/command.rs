@@ -5,9 +5,13 @@ mod common;
 #[path = "load/mod.rs"]
 mod load;
 
-use common::{get, pid_of, require_root, Hello, Netns, TempPath};
+use common::{
+    get, long_lived_flow, new_flows, pid_of, require_root, FlowLog, Hello, Netns, TempPath,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
@@ -19,7 +23,8 @@ fn run(ns: &Netns, args: &[&str]) -> Hello {
     cmd.args(["netns", "exec", &ns.name, BIN, "run"]).args(args);
     let mut h = Hello::start_with(cmd, "switch log line", |line| {
         let rest = line.split_once(" is ready: port ")?.1;
-        let port = rest.split_once(" -> ")?.1.split_whitespace().next()?;
+        // `port 8080/tcp -> 40401 in ...`, or `port 53/udp -> 40401, port 53/tcp -> ...`
+        let port = rest.split_once(" -> ")?.1.split([' ', ',']).next()?;
         Some((0, port.parse().ok()?))
     });
     // `ip netns exec` executes the command in its own process: the child is the wrapper.
@@ -415,6 +420,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
             "NAMESPACE",
             "FAMILY",
             "CHAIN",
+            "PROTO",
             "PORT",
             "INTERNAL",
             "PID",
@@ -423,8 +429,8 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
     );
     // alpha: both routes in both families; beta: OUTPUT only.
     assert_eq!(rows.len(), 1 + 4 + 2, "{table}");
-    let alpha_row = format!("alpha ip PREROUTING 8080 {} {} active", a.port, a.pid);
-    let beta_row = format!("beta ip6 OUTPUT 9090 {} {} active", b.port, b.pid);
+    let alpha_row = format!("alpha ip PREROUTING tcp 8080 {} {} active", a.port, a.pid);
+    let beta_row = format!("beta ip6 OUTPUT tcp 9090 {} {} active", b.port, b.pid);
     let norm: Vec<String> = rows
         .iter()
         .map(|r| r.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -445,7 +451,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
     );
     assert!(
         json.contains(&format!(
-            "\"port\":9090,\"internal_port\":{},\"pid\":{}",
+            "\"protocol\":\"tcp\",\"port\":9090,\"internal_port\":{},\"pid\":{}",
             b.port, b.pid
         )),
         "{json}"
@@ -898,4 +904,165 @@ fn rollback_canary_and_promote_through_the_command() {
     let out = switcheroo(&ns, &["promote", "-n", "web"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("no live canary"), "{}", text(&out));
+}
+
+/// A third-party UDP server: Python's socket module on the datagram socket passed as fd 3
+/// (a DNS server in miniature: one answer per datagram, with its pid and the version it
+/// was given), plus a TCP listener as fd 4 to show the order and the names. It sends
+/// READY=1 itself, and on SIGTERM answers what is queued and exits 0.
+const PY_UDP_SERVER: &str = r#"
+import os, signal, socket, sys
+assert os.environ["LISTEN_PID"] == str(os.getpid())
+assert os.environ["LISTEN_FDS"] == "2", os.environ["LISTEN_FDS"]
+assert os.environ["LISTEN_FDNAMES"] == "dns:zone", os.environ["LISTEN_FDNAMES"]
+udp = socket.socket(fileno=3)
+tcp = socket.socket(fileno=4)
+assert udp.type == socket.SOCK_DGRAM and tcp.type == socket.SOCK_STREAM
+prefix = ("%s pid=%d " % (sys.argv[1], os.getpid())).encode()
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+n = os.environ["NOTIFY_SOCKET"]
+note = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+note.sendto(b"READY=1", "\0" + n[1:] if n.startswith("@") else n)
+udp.settimeout(0.05)
+while not stop:
+    try:
+        data, peer = udp.recvfrom(2048)
+    except (socket.timeout, InterruptedError):
+        continue
+    udp.sendto(prefix + data, peer)
+udp.setblocking(False)
+while True:
+    try:
+        data, peer = udp.recvfrom(2048)
+    except BlockingIOError:
+        break
+    udp.sendto(prefix + data, peer)
+"#;
+
+#[test]
+fn a_python_udp_server_under_run_is_redeployed_under_load_without_a_lost_reply() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let script = TempPath::new(&ns, "udp-server.py");
+    std::fs::write(&script.0, PY_UDP_SERVER).unwrap();
+    const DEPLOYS: usize = 8;
+    let start = |v: usize| {
+        let tag = format!("v{v}");
+        run(
+            &ns,
+            &[
+                "-n",
+                "dns",
+                "-p",
+                "dns=5353/udp",
+                "-p",
+                "zone=5353/tcp",
+                "--range",
+                "41600-41699",
+                "--drain-max",
+                "1s",
+                "--",
+                "python3",
+                script.as_str(),
+                &tag,
+            ],
+        )
+    };
+    let mut current = start(0);
+    let rules = ns.save(false);
+    assert!(
+        rules.contains("-A PREROUTING -p udp -m udp --dport 5353 -m addrtype --dst-type LOCAL")
+            && rules
+                .contains("-A PREROUTING -p tcp -m tcp --dport 5353 -m addrtype --dst-type LOCAL"),
+        "{rules}"
+    );
+    let out = switcheroo(&ns, &["status", "-n", "dns"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" udp ")).count(),
+        4,
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" tcp ")).count(),
+        4,
+        "{table}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flows, fresh, old) = ns.enter(|| {
+        let targets: [std::net::SocketAddr; 2] = [addr("127.0.0.1:5353"), addr("[::1]:5353")];
+        let flows: Vec<_> = (0..4)
+            .map(|id| {
+                let stop = stop.clone();
+                std::thread::spawn(move || long_lived_flow(targets[id % 2], id, stop))
+            })
+            .collect();
+        let fresh: Vec<_> = (0..2)
+            .map(|id| {
+                let stop = stop.clone();
+                std::thread::spawn(move || new_flows(targets[id % 2], id, stop))
+            })
+            .collect();
+        let mut old = Vec::new();
+        for v in 1..=DEPLOYS {
+            std::thread::sleep(Duration::from_millis(400));
+            old.push(std::mem::replace(&mut current, start(v)));
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+        stop.store(true, Ordering::SeqCst);
+        let flows: Vec<FlowLog> = flows.into_iter().map(|t| t.join().unwrap()).collect();
+        let fresh: Vec<FlowLog> = fresh.into_iter().map(|t| t.join().unwrap()).collect();
+        (flows, fresh, old)
+    });
+    let mut forgotten = 0;
+    for mut h in old {
+        h.expect_clean_exit("an old switcheroo run");
+        forgotten += h
+            .log
+            .iter()
+            .filter_map(|l| {
+                l.split("forgot ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum::<usize>();
+    }
+    let (mut datagrams, mut resent) = (0, 0);
+    for (id, log) in flows.iter().chain(&fresh).enumerate() {
+        assert!(
+            log.lost.is_empty(),
+            "client {id}: never answered: {:?}",
+            log.lost
+        );
+        datagrams += log.answers.len();
+        resent += log.resent;
+    }
+    // (A client on new flows may see an older version after a newer one: its new socket
+    // can get the source port of an earlier one, and that 4-tuple is still the earlier
+    // flow, kept by conntrack where it started.)
+    for (id, flow) in flows.iter().enumerate() {
+        for pair in flow.answers.windows(2) {
+            assert!(
+                pair[1].1 >= pair[0].1,
+                "flow {id}: v{} after v{}",
+                pair[1].1,
+                pair[0].1
+            );
+        }
+        assert_eq!(
+            flow.answers.last().map(|a| a.1),
+            Some(DEPLOYS),
+            "flow {id} does not end on the current server"
+        );
+    }
+    eprintln!(
+        "python UDP server under run: {DEPLOYS} deploys, {datagrams} datagrams (4 long-lived flows, 2 clients on new flows), every one answered; {resent} sent again after 100 ms without an answer; old wrappers forgot {forgotten} flows"
+    );
 }

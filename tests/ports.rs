@@ -4,19 +4,14 @@
 
 mod common;
 
-use common::{require_root, Hello, Netns};
+use common::{long_lived_flow, new_flows, require_root, version, FlowLog, Hello, Netns};
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DEPLOYS: usize = 10;
-
-/// The version in an answer `v<N> pid=<P> ...`.
-fn version(answer: &str) -> Option<usize> {
-    answer.strip_prefix('v')?.split(' ').next()?.parse().ok()
-}
 
 /// Waits for every old instance to exit 0 and returns their output.
 fn all_exit_cleanly(old: Vec<Hello>) -> Vec<String> {
@@ -111,101 +106,6 @@ fn two_tcp_ports_switch_together_for_clients_that_alternate_between_them() {
         versions.len() > DEPLOYS / 2,
         "the clients saw too few versions to tell anything: {versions:?}"
     );
-}
-
-/// One UDP client's record: for each datagram (numbered), the version that answered and
-/// when, and how many times it had to be sent again.
-struct FlowLog {
-    answers: Vec<(Instant, usize)>,
-    resent: usize,
-    lost: Vec<String>,
-}
-
-/// Sends `payload` on `socket` (connected) and waits for the answer that ends with it,
-/// sending again every 100 ms, 20 times at most. `None` if it never came.
-fn ask(socket: &UdpSocket, payload: &str, resent: &mut usize) -> Option<String> {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut buf = [0u8; 512];
-    for attempt in 0..20 {
-        if attempt > 0 {
-            *resent += 1;
-        }
-        if socket.send(payload.as_bytes()).is_err() {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        let deadline = Instant::now() + Duration::from_millis(100);
-        while Instant::now() < deadline {
-            match socket.recv(&mut buf) {
-                Ok(n) => {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    // An answer to an earlier copy of an earlier datagram: skip it.
-                    if text.ends_with(&format!(" {payload}")) {
-                        return Some(text);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-    }
-    None
-}
-
-/// A client on one long-lived flow (one connected socket: one 4-tuple), a datagram every
-/// 3 ms, each waiting for its answer.
-fn long_lived_flow(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
-    let any: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let socket = UdpSocket::bind(any).unwrap();
-    socket.connect(target).unwrap();
-    let mut log = FlowLog {
-        answers: Vec::new(),
-        resent: 0,
-        lost: Vec::new(),
-    };
-    let mut seq = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let payload = format!("flow{id} {seq}");
-        match ask(&socket, &payload, &mut log.resent).and_then(|a| version(&a)) {
-            Some(v) => log.answers.push((Instant::now(), v)),
-            None => log.lost.push(payload),
-        }
-        seq += 1;
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    log
-}
-
-/// A client whose every datagram is a new flow (a new socket each time), as DNS clients do.
-fn new_flows(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
-    let any: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let mut log = FlowLog {
-        answers: Vec::new(),
-        resent: 0,
-        lost: Vec::new(),
-    };
-    let mut seq = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let socket = UdpSocket::bind(any).unwrap();
-        socket.connect(target).unwrap();
-        let payload = format!("new{id} {seq}");
-        match ask(&socket, &payload, &mut log.resent).and_then(|a| version(&a)) {
-            Some(v) => log.answers.push((Instant::now(), v)),
-            None => log.lost.push(payload),
-        }
-        seq += 1;
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    log
 }
 
 #[test]

@@ -1,8 +1,8 @@
-//! Starting a child process that inherits a listening socket as fd 3, the way systemd's
-//! socket activation hands one over (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`).
+//! Starting a child process that inherits sockets as fds 3, 4, ..., the way systemd's
+//! socket activation hands them over (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`).
 //!
-//! `LISTEN_PID` must name the child itself, which only the child knows, and the socket
-//! must land on fd 3 without a copy left anywhere else; `std::process::Command` can do
+//! `LISTEN_PID` must name the child itself, which only the child knows, and the sockets
+//! must land on fds 3, 4, ... without a copy left anywhere else; `std::process::Command` can do
 //! neither without `pre_exec`. So this is a small fork/exec of its own: everything that
 //! allocates (argument and environment arrays, the resolved path) is prepared before
 //! `fork`, and the child calls only async-signal-safe functions until `execve`.
@@ -11,19 +11,21 @@ use nix::unistd::Pid;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// The fd an activated socket lands on (`SD_LISTEN_FDS_START`).
+/// The fd the first activated socket lands on (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FD: RawFd = 3;
+/// The most sockets one child is given.
+pub const MAX_SOCKETS: usize = 64;
 
 const PID_PREFIX: &[u8] = b"LISTEN_PID=";
 /// Room for the prefix, the longest pid in decimal and the NUL.
 const PID_VAR_LEN: usize = PID_PREFIX.len() + 20 + 1;
 
-/// A program to start with a listening socket on fd 3.
+/// A program to start with sockets on fds 3, 4, ...
 #[derive(Debug)]
 pub struct Activation {
     program: OsString,
@@ -42,20 +44,30 @@ impl Activation {
         }
     }
 
-    /// The whole environment of the child, in order. `LISTEN_FDS=1` and `LISTEN_PID` are
+    /// The whole environment of the child, in order. `LISTEN_FDS` and `LISTEN_PID` are
     /// added; any `LISTEN_PID` or `LISTEN_FDS` given here is dropped.
     pub fn env(mut self, env: Vec<(OsString, OsString)>) -> Self {
         self.env = env;
         self
     }
 
-    /// Forks, moves `listener` to fd 3 in the child (clearing close-on-exec there only)
-    /// and sets `LISTEN_FDS=1` and `LISTEN_PID` to the child's pid (without a listener:
-    /// neither, and no `LISTEN_*` variable at all), unblocks every signal, restores SIGPIPE's
-    /// default action, asks for SIGTERM should this process die first (so an orphan
-    /// never keeps serving unseen), clears the ambient capabilities, marks every other fd
-    /// above 3 close-on-exec, and executes the program. Returns once the program runs, or the reason it could not.
-    pub fn spawn(&self, listener: Option<BorrowedFd<'_>>) -> io::Result<Pid> {
+    /// Forks, puts `sockets` on fds 3, 4, ... in the child, in order (clearing
+    /// close-on-exec there only) and sets `LISTEN_FDS` to their number and `LISTEN_PID`
+    /// to the child's pid (without sockets: neither, and no `LISTEN_*` variable at all),
+    /// unblocks every signal, restores SIGPIPE's default action, asks for SIGTERM should
+    /// this process die first (so an orphan never keeps serving unseen), clears the
+    /// ambient capabilities, marks every other fd above them close-on-exec, and executes
+    /// the program. Returns once the program runs, or the reason it could not.
+    pub fn spawn(&self, sockets: &[BorrowedFd<'_>]) -> io::Result<Pid> {
+        if sockets.len() > MAX_SOCKETS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} sockets: at most {MAX_SOCKETS} can be passed",
+                    sockets.len()
+                ),
+            ));
+        }
         let path = resolve(&self.program, &self.env)?;
         let path = cstring(path.as_os_str())?;
         let mut argv = vec![cstring(&self.program)?];
@@ -66,7 +78,7 @@ impl Activation {
         for (key, value) in &self.env {
             if key == "LISTEN_PID"
                 || key == "LISTEN_FDS"
-                || (listener.is_none() && key == "LISTEN_FDNAMES")
+                || (sockets.is_empty() && key == "LISTEN_FDNAMES")
             {
                 continue;
             }
@@ -77,8 +89,9 @@ impl Activation {
         }
         let mut pid_var = [0u8; PID_VAR_LEN];
         pid_var[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
-        if listener.is_some() {
-            envp.push(CString::new("LISTEN_FDS=1").expect("no NUL"));
+        if !sockets.is_empty() {
+            let count = format!("LISTEN_FDS={}", sockets.len());
+            envp.push(CString::new(count).expect("no NUL"));
         }
 
         let argv_ptrs: Vec<*const libc::c_char> = argv
@@ -87,24 +100,34 @@ impl Activation {
             .chain(std::iter::once(std::ptr::null()))
             .collect();
         let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-        if listener.is_some() {
+        if !sockets.is_empty() {
             envp_ptrs.push(pid_var.as_ptr().cast());
         }
         envp_ptrs.push(std::ptr::null());
 
+        // fds 3 .. 3 + n are about to be replaced in the child: every fd it still needs
+        // moves above them first, so that no dup2 there overwrites a source.
+        let first_free = LISTEN_FD + sockets.len() as RawFd;
+        let sources: Vec<OwnedFd> = sockets
+            .iter()
+            .map(|fd| dup_at_least(*fd, first_free))
+            .collect::<io::Result<_>>()?;
+        let source_fds: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
         // The child reports a failed execve through this pipe; a successful one closes it.
-        let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // fd 3 is about to be replaced in the child: keep the pipe above it.
-        let report_write = above_listen_fd(report_write)?;
-        let listen_fd = listener.map_or(-1, |l| l.as_raw_fd());
+        let (report_read, pipe_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let report_write = dup_at_least(pipe_write.as_fd(), first_free)?;
+        // Only the copy goes to the child; no other write end may stay open here, or the
+        // read below would wait for an EOF that never comes.
+        drop(pipe_write);
         let write_fd = report_write.as_raw_fd();
         let parent = std::process::id();
 
         // SAFETY: between fork and execve/_exit the child only calls async-signal-safe
-        // functions (dup2, fcntl, getpid, sigprocmask, signal, prctl, getppid, kill,
+        // functions (dup2, getpid, sigprocmask, signal, prctl, getppid, kill,
         // syscall(close_range), execve, write, _exit) on memory prepared before the fork and
         // not freed until after it returns in the parent (`path`, `argv`, `envp` and their
-        // pointer arrays, `pid_var`), and formats the pid into `pid_var` without allocating.
+        // pointer arrays, `source_fds`, `pid_var`), and formats the pid into `pid_var`
+        // without allocating.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(io::Error::last_os_error());
@@ -113,7 +136,7 @@ impl Activation {
             // SAFETY: in the child, see above; never returns.
             unsafe {
                 child(
-                    listen_fd,
+                    &source_fds,
                     write_fd,
                     parent,
                     &mut pid_var,
@@ -124,6 +147,7 @@ impl Activation {
             }
         }
         drop(report_write);
+        drop(sources);
         let mut report = File::from(report_read);
         let mut errno = [0u8; 4];
         let mut got = 0;
@@ -145,13 +169,14 @@ impl Activation {
     }
 }
 
-/// The child's side of [`Activation::spawn`]; `listen_fd` is -1 without a socket.
+/// The child's side of [`Activation::spawn`]: `sources` are the sockets' fds, all above
+/// 3 + their number.
 ///
 /// # Safety
 /// Only to be called in the child right after `fork`, with pointers to NUL-terminated
 /// strings and NULL-terminated arrays that stay valid (they were allocated before fork).
 unsafe fn child(
-    listen_fd: RawFd,
+    sources: &[RawFd],
     report_fd: RawFd,
     parent: u32,
     pid_var: &mut [u8; PID_VAR_LEN],
@@ -170,26 +195,18 @@ unsafe fn child(
         // anything of the parent's (no atexit handlers, no destructors).
         unsafe { libc::_exit(127) }
     };
-    if listen_fd == LISTEN_FD {
-        // SAFETY: fcntl(2) on an integer fd; clears close-on-exec on the socket.
-        if unsafe { libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) } < 0 {
-            fail(report_fd);
-        }
-    } else if listen_fd >= 0 {
-        // SAFETY: dup2(2) on integer fds; it leaves close-on-exec clear on the new one.
-        if unsafe { libc::dup2(listen_fd, LISTEN_FD) } < 0 {
+    for (i, source) in sources.iter().enumerate() {
+        // SAFETY: dup2(2) on integer fds; the target is below every source, and the new
+        // fd has close-on-exec clear.
+        if unsafe { libc::dup2(*source, LISTEN_FD + i as RawFd) } < 0 {
             fail(report_fd);
         }
     }
-    // No socket to pass: fd 3, if open, is ours and stays here (close-on-exec).
-    // Everything else we hold (the netlink socket, the notify socket, the drain's copy of
-    // the listener) stays here. Old kernels lack close_range: then only the descriptors
-    // opened close-on-exec are kept from the child, as Rust opens them.
-    let first = if listen_fd < 0 {
-        LISTEN_FD
-    } else {
-        LISTEN_FD + 1
-    };
+    // Everything else we hold (the netlink socket, the notify socket, the drain's copies
+    // of the sockets, the copies above) stays here. Old kernels lack close_range: then
+    // only the descriptors opened close-on-exec are kept from the child, as Rust opens
+    // them.
+    let first = LISTEN_FD + sources.len() as RawFd;
     // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on fds.
     unsafe {
         libc::syscall(
@@ -260,11 +277,9 @@ fn write_decimal(buf: &mut [u8], mut n: u32) {
     buf[len] = 0;
 }
 
-fn above_listen_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
-    if fd.as_raw_fd() > LISTEN_FD {
-        return Ok(fd);
-    }
-    let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FD + 1))?;
+/// A close-on-exec copy of `fd` numbered `min` or above.
+fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    let moved = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
@@ -323,26 +338,41 @@ mod tests {
         assert_eq!(&buf[..5], b"1234\0");
     }
 
+    /// The `socket:[inode]` name of `fd` in this process.
+    fn socket_name(fd: BorrowedFd<'_>) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .display()
+            .to_string()
+    }
+
     #[test]
-    fn child_sees_the_socket_on_fd_3_and_its_own_pid() {
+    fn child_sees_the_sockets_on_fds_3_and_4_in_order_and_its_own_pid() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let out = tempfile_path();
         let script = format!(
-            "test \"$LISTEN_PID\" = $$ && test \"$LISTEN_FDS\" = 1 && \
-             readlink /proc/self/fd/3 > {0}; ls /proc/self/fd > {0}.fds",
+            "test \"$LISTEN_PID\" = $$ && test \"$LISTEN_FDS\" = 2 && \
+             {{ readlink /proc/self/fd/3; readlink /proc/self/fd/4; }} > {0}; ls /proc/self/fd > {0}.fds",
             out.display()
         );
         let act = Activation::new("sh", vec!["-c".into(), script.into()])
             .env(std::env::vars_os().collect());
-        let pid = act.spawn(Some(listener.as_fd())).unwrap();
+        // Given in the order UDP, TCP: that is the order they land in.
+        let pid = act.spawn(&[udp.as_fd(), listener.as_fd()]).unwrap();
         let status = nix::sys::wait::waitpid(pid, None).unwrap();
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
-        let link = std::fs::read_to_string(&out).unwrap();
-        assert!(link.starts_with("socket:["), "fd 3 is {link}");
-        // Only stdio, fd 3, and the fd ls itself opens to list the directory.
+        let links = std::fs::read_to_string(&out).unwrap();
+        let expected = format!(
+            "{}\n{}\n",
+            socket_name(udp.as_fd()),
+            socket_name(listener.as_fd())
+        );
+        assert_eq!(links, expected);
+        // Only stdio, fds 3 and 4, and the fd ls itself opens to list the directory.
         let fds = std::fs::read_to_string(out.with_extension("fds")).unwrap();
         let fds: Vec<&str> = fds.lines().collect();
-        assert_eq!(fds.len(), 5, "{fds:?}");
+        assert_eq!(fds.len(), 6, "{fds:?}");
         let _ = std::fs::remove_file(&out);
         let _ = std::fs::remove_file(out.with_extension("fds"));
     }
@@ -351,11 +381,11 @@ mod tests {
     fn a_missing_program_is_reported_not_run() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let err = Activation::new("/nonexistent/program", vec![])
-            .spawn(Some(listener.as_fd()))
+            .spawn(&[listener.as_fd()])
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         let err = Activation::new("no-such-program-anywhere", vec![])
-            .spawn(Some(listener.as_fd()))
+            .spawn(&[listener.as_fd()])
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
@@ -373,7 +403,7 @@ mod tests {
         ];
         let pid = Activation::new("sh", vec!["-c".into(), script.into()])
             .env(env)
-            .spawn(None)
+            .spawn(&[])
             .unwrap();
         let status = nix::sys::wait::waitpid(pid, None).unwrap();
         assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
@@ -384,6 +414,4 @@ mod tests {
     fn tempfile_path() -> PathBuf {
         std::env::temp_dir().join(format!("switcheroo-spawn-{}", std::process::id()))
     }
-
-    use std::os::fd::AsFd;
 }

@@ -7,11 +7,11 @@
 #![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Whether the privileged tests can run here: root, and allowed to create network
@@ -643,4 +643,104 @@ pub fn expected_rule(chain: &str, ns: &str, h: &Hello, public: u16) -> String {
         pid = h.pid,
         start = start_time(h.pid),
     )
+}
+
+/// The version in an answer `v<N> pid=<P> ...`.
+pub fn version(answer: &str) -> Option<usize> {
+    answer.strip_prefix('v')?.split(' ').next()?.parse().ok()
+}
+
+/// One UDP client's record: for each datagram (numbered), the version that answered and
+/// when, and how many times it had to be sent again.
+pub struct FlowLog {
+    pub answers: Vec<(Instant, usize)>,
+    pub resent: usize,
+    pub lost: Vec<String>,
+}
+
+/// Sends `payload` on `socket` (connected) and waits for the answer that ends with it,
+/// sending again every 100 ms, 20 times at most. `None` if it never came.
+pub fn ask(socket: &UdpSocket, payload: &str, resent: &mut usize) -> Option<String> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    for attempt in 0..20 {
+        if attempt > 0 {
+            *resent += 1;
+        }
+        if socket.send(payload.as_bytes()).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < deadline {
+            match socket.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    // An answer to an earlier copy of an earlier datagram: skip it.
+                    if text.ends_with(&format!(" {payload}")) {
+                        return Some(text);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    None
+}
+
+/// A client on one long-lived flow (one connected socket: one 4-tuple), a datagram every
+/// 3 ms, each waiting for its answer.
+pub fn long_lived_flow(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = UdpSocket::bind(any).unwrap();
+    socket.connect(target).unwrap();
+    let mut log = FlowLog {
+        answers: Vec::new(),
+        resent: 0,
+        lost: Vec::new(),
+    };
+    let mut seq = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let payload = format!("flow{id} {seq}");
+        match ask(&socket, &payload, &mut log.resent).and_then(|a| version(&a)) {
+            Some(v) => log.answers.push((Instant::now(), v)),
+            None => log.lost.push(payload),
+        }
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    log
+}
+
+/// A client whose every datagram is a new flow (a new socket each time), as DNS clients do.
+pub fn new_flows(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let mut log = FlowLog {
+        answers: Vec::new(),
+        resent: 0,
+        lost: Vec::new(),
+    };
+    let mut seq = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let socket = UdpSocket::bind(any).unwrap();
+        socket.connect(target).unwrap();
+        let payload = format!("new{id} {seq}");
+        match ask(&socket, &payload, &mut log.resent).and_then(|a| version(&a)) {
+            Some(v) => log.answers.push((Instant::now(), v)),
+            None => log.lost.push(payload),
+        }
+        seq += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    log
 }

@@ -36,6 +36,12 @@ Examples:
   # a server that only takes a port number: {port} is replaced by the internal port
   switcheroo run --namespace api --port 443 --ready delay:2s -- ./server --listen-port {port}
 
+  # HTTP, HTTPS and HTTP/3 switched together: fds 3, 4, 5, LISTEN_FDNAMES=http:https:h3
+  switcheroo run -n web -p http=80 -p https=443 -p h3=443/udp -- ./server
+
+  # a DNS server: the UDP socket as fd 3, the TCP listener as fd 4
+  switcheroo run -n dns -p 53/udp -p 53/tcp --ready delay:1s -- ./dns-server
+
   # keep the previous version warm for 5 minutes; roll back at once if this one dies
   switcheroo run --port 8080 --probation 5m --ready http:/healthz -- ./server
   switcheroo rollback            # back to the previous version, in one transaction
@@ -69,7 +75,7 @@ Needs CAP_NET_ADMIN (and CAP_KILL to stop instances of other users).";
 #[command(
     name = "switcheroo",
     version,
-    about = "Zero-downtime deploys of TCP servers: an atomic nftables REDIRECT of the public port to the newest instance",
+    about = "Zero-downtime deploys of TCP and UDP servers: an atomic nftables REDIRECT of the public ports to the newest instance",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -100,9 +106,11 @@ struct RunArgs {
     /// The service's name; its instances replace each other ([A-Za-z0-9_.-], 1-64 chars)
     #[arg(long, short = 'n', default_value = "default")]
     namespace: String,
-    /// The public port clients connect to
-    #[arg(long, short = 'p')]
-    port: u16,
+    /// A public port clients connect to: `[NAME=]PORT[/tcp|/udp]` (TCP by default).
+    /// Repeat it for a service with several ports, all switched together; the server gets
+    /// one socket per port, as fds 3, 4, ... in this order
+    #[arg(long, short = 'p', required = true, value_name = "[NAME=]PORT[/PROTO]", value_parser = run::PortArg::parse)]
+    port: Vec<run::PortArg>,
     /// Internal ports to choose from, MIN-MAX
     #[arg(long, default_value = "40400-40499", value_parser = parse_range)]
     range: RangeInclusive<u16>,
@@ -127,7 +135,8 @@ struct RunArgs {
     /// them; `switcheroo promote` or `switcheroo rollback` decide what follows
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
     canary: Option<u8>,
-    /// On SIGTERM/SIGINT, forward the signal once the accept queue has been empty this long
+    /// On SIGTERM/SIGINT, forward the signal once the accept queues have been empty (and
+    /// the UDP flows quiet: whole seconds, at least 1) this long
     #[arg(long, default_value = "200ms", value_parser = ready::parse_duration)]
     drain_idle: Duration,
     /// ... or after this long at most
@@ -137,7 +146,8 @@ struct RunArgs {
     /// this long (default: wait for as long as it takes)
     #[arg(long, value_parser = ready::parse_duration)]
     kill_after: Option<Duration>,
-    /// The socket's name in LISTEN_FDNAMES (default: the namespace)
+    /// The name in LISTEN_FDNAMES of each port given without NAME= (default: the
+    /// namespace)
     #[arg(long)]
     fd_name: Option<String>,
     /// Keep a record of each commit in DIR (a directory of this user only, created if
@@ -146,8 +156,9 @@ struct RunArgs {
     /// --record-dir /run/switcheroo
     #[arg(long, value_name = "DIR")]
     record_dir: Option<std::path::PathBuf>,
-    /// The server and its arguments; `{port}` in an argument becomes the internal port, and
-    /// the server then binds it itself instead of getting the socket as fd 3
+    /// The server and its arguments; `{port}` (or `{port:NAME}` with several ports) in an
+    /// argument becomes that internal port, and the server then binds its ports itself
+    /// instead of getting the sockets as fds 3, 4, ...
     #[arg(
         required = true,
         trailing_var_arg = true,
@@ -225,14 +236,13 @@ impl From<RunArgs> for run::Config {
         run::Config {
             fd_name: a.fd_name.unwrap_or_else(|| a.namespace.clone()),
             namespace: a.namespace,
-            port: a.port,
+            ports: a.port,
             range: a.range,
             routes: a.routes.into_iter().fold(Routes::empty(), |all, r| all | r),
             ready: a.ready,
             ready_timeout: a.ready_timeout,
-            drain: switcheroo::Drain::new()
-                .idle(a.drain_idle)
-                .max_wait(a.drain_max),
+            drain_idle: a.drain_idle,
+            drain_max: a.drain_max,
             kill_after: a.kill_after,
             record_dir: a.record_dir,
             probation: a.probation,
@@ -263,6 +273,7 @@ fn table(rules: &[Rule]) -> String {
         "NAMESPACE".to_owned(),
         "FAMILY".to_owned(),
         "CHAIN".to_owned(),
+        "PROTO".to_owned(),
         "PORT".to_owned(),
         "INTERNAL".to_owned(),
         "PID".to_owned(),
@@ -273,13 +284,14 @@ fn table(rules: &[Rule]) -> String {
             r.namespace.clone(),
             r.family.to_string(),
             r.chain.to_string(),
+            r.protocol.to_string(),
             r.public_port.to_string(),
             r.internal_port.to_string(),
             r.pid.map_or("-".to_owned(), |p| p.to_string()),
             r.role_name(),
         ]);
     }
-    let mut widths = [0; 7];
+    let mut widths = [0; 8];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -303,11 +315,12 @@ fn json(rules: &[Rule]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{},\"role\":{}{}}}",
+                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"protocol\":\"{}\",\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{},\"role\":{}{}}}",
                 json_string(&r.namespace),
                 r.family,
                 r.chain,
                 r.handle.get(),
+                r.protocol,
                 r.public_port,
                 r.internal_port,
                 r.pid.map_or("null".to_owned(), |p| p.to_string()),
@@ -397,6 +410,31 @@ mod tests {
         assert!(
             Cli::try_parse_from(["switcheroo", "run", "-p", "8080", "--range", "9-", "x"]).is_err()
         );
+    }
+
+    #[test]
+    fn several_ports_and_their_names() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["switcheroo", "run", "-n", "web"];
+            argv.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            let config = run::Config::from(*args);
+            config.check()?;
+            Ok::<_, String>(config)
+        };
+        let config = parse(&["-p", "http=80", "-p", "443/udp", "--", "server"]).unwrap();
+        let ports: Vec<String> = config.ports.iter().map(|p| p.port.to_string()).collect();
+        assert_eq!(ports, ["80/tcp", "443/udp"]);
+        assert_eq!(config.ports[0].name.as_deref(), Some("http"));
+        let err = parse(&["-p", "a=80", "-p", "a=81", "--", "server"]).unwrap_err();
+        assert!(err.contains("given twice"), "{err}");
+        let err = parse(&["-p", "80", "-p", "81", "--", "s", "{port}"]).unwrap_err();
+        assert!(err.contains("ambiguous"), "{err}");
+        assert!(parse(&["-p", "80", "-p", "x=81", "--", "s", "{port:x}", "{port:80}"]).is_ok());
+        assert!(parse(&["-p", "80/sctp", "--", "s"]).is_err());
     }
 
     #[test]

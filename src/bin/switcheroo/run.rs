@@ -16,25 +16,38 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use switcheroo::{Change, Drain, Resignation, Routes, Switcheroo, Takeover, Tenure};
+use switcheroo::{
+    Change, Drain, DrainTracker, FlowDrain, FlowTracker, Mapping, Port, Protocol, Resignation,
+    Routes, Socket, Switcheroo, Takeover, Tenure,
+};
 use switcheroo_sys::spawn::Activation;
 use switcheroo_sys::PidFd;
 
 pub const AFTER_HELP: &str = "\
-The server gets the listening socket as fd 3 with LISTEN_FDS=1, LISTEN_PID=<its pid> and
-LISTEN_FDNAMES=<name> (systemd socket activation: gunicorn, uvicorn --fd 3, Node's
-{fd: 3}, Go's net.FileListener, ...), and SWITCHEROO_PORT=<internal port>. With
---ready notify it also gets NOTIFY_SOCKET and must send READY=1.
+The server gets one socket per --port, in the order given, as fds 3, 4, ... with
+LISTEN_FDS=<count>, LISTEN_PID=<its pid> and LISTEN_FDNAMES=<names> (systemd socket
+activation: gunicorn, uvicorn --fd 3, Node's {fd: 3}, Go's net.FileListener, ...): a
+listening TCP socket for PORT or PORT/tcp, an unconnected UDP socket for PORT/udp (as
+systemd passes one for ListenDatagram=). A port's name is NAME from NAME=PORT, else
+--fd-name, else the namespace (as systemd names every socket of a unit after the unit).
+SWITCHEROO_PORT=<internal port of the first> and SWITCHEROO_PORTS=<PORT/PROTO=INTERNAL,...>
+say where they are. With --ready notify it also gets NOTIFY_SOCKET and must send READY=1.
 
-If an argument contains {port}, the server binds that port itself: it gets no socket and
-no LISTEN_* variables, and the drain reads the port's accept queue from /proc/net/tcp.
+If an argument contains {port} (one port) or {port:NAME} (NAME, or PORT/PROTO, of a
+--port), the server binds its ports itself: it gets no socket and no LISTEN_* variables,
+and the drain reads the accept queues from /proc/net/tcp.
+
+A UDP port drains by its flows: conntrack keeps each flow (4-tuple) on the instance that
+got its first datagram, so the old server goes on getting the datagrams of its flows
+until they have been quiet for --drain-idle (rounded up to whole seconds, conntrack's
+resolution) or --drain-max has passed; once it has exited, the flows still mapped to its
+port are forgotten, so that they continue on the new instance.
 
 Run it the same way again to deploy: the new instance switches the public port to its
 server once that is ready, then sends SIGTERM to the previous switcheroo, which waits
@@ -60,18 +73,94 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Config {
     pub namespace: String,
-    pub port: u16,
+    pub ports: Vec<PortArg>,
     pub range: RangeInclusive<u16>,
     pub routes: Routes,
     pub ready: Ready,
     pub ready_timeout: Duration,
-    pub drain: Drain,
+    pub drain_idle: Duration,
+    pub drain_max: Duration,
     pub kill_after: Option<Duration>,
     pub fd_name: String,
     pub record_dir: Option<PathBuf>,
     pub probation: Option<Duration>,
     pub canary: Option<u8>,
     pub command: Vec<OsString>,
+}
+
+/// One `--port [NAME=]PORT[/tcp|/udp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortArg {
+    pub name: Option<String>,
+    pub port: Port,
+}
+
+impl PortArg {
+    /// Parses `[NAME=]PORT[/tcp|/udp]`; NAME is 1-64 characters of `[A-Za-z0-9_.-]` (it
+    /// goes into the colon-separated LISTEN_FDNAMES).
+    pub fn parse(s: &str) -> Result<PortArg, String> {
+        let (name, port) = match s.split_once('=') {
+            Some((name, port)) => {
+                let valid = (1..=64).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                if !valid {
+                    return Err(format!(
+                        "{s:?}: the name {name:?} must be 1-64 characters of [A-Za-z0-9_.-]"
+                    ));
+                }
+                (Some(name.to_owned()), port)
+            }
+            None => (None, s),
+        };
+        Ok(PortArg {
+            name,
+            port: port.parse()?,
+        })
+    }
+}
+
+impl Config {
+    /// The name of each port in LISTEN_FDNAMES, in order.
+    fn names(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| p.name.clone().unwrap_or_else(|| self.fd_name.clone()))
+            .collect()
+    }
+
+    /// Checks what clap cannot: distinct names, and placeholders that name a port.
+    pub fn check(&self) -> Result<(), String> {
+        for (i, p) in self.ports.iter().enumerate() {
+            if let Some(name) = &p.name {
+                if self.ports[..i]
+                    .iter()
+                    .any(|q| q.name.as_ref() == Some(name))
+                {
+                    return Err(format!("the port name {name:?} is given twice"));
+                }
+            }
+        }
+        let mappings: Vec<(Option<String>, Mapping)> = self
+            .ports
+            .iter()
+            .map(|p| {
+                let internal = 1;
+                (
+                    p.name.clone(),
+                    Mapping {
+                        public: p.port,
+                        internal,
+                    },
+                )
+            })
+            .collect();
+        for arg in &self.command[1..] {
+            with_ports(arg, &mappings)?;
+        }
+        Ok(())
+    }
 }
 
 /// Signals that end the service gracefully: drained, then forwarded.
@@ -317,17 +406,24 @@ impl Events {
     }
 }
 
+/// One port of the instance: where it leads, and our copy of its socket while the
+/// server has it too (`None` once let go, or when the server binds its ports itself).
+struct Held {
+    mapping: Mapping,
+    socket: Option<Socket>,
+}
+
 struct Wrapper {
     events: Events,
     sw: Switcheroo,
+    ports: Vec<Held>,
     /// This instance's watch over its place, from the switch on.
     tenure: Option<Tenure>,
     /// Set when the instance was rolled back: how `run` ends once the server is stopped.
     rolled_back: Option<Failure>,
-    /// Our copy of the listening socket, while the server has it too.
-    listener: Option<TcpListener>,
     name: String,
-    port: u16,
+    /// The internal port of the first TCP port: the one `--ready http:` probes.
+    http_port: Option<u16>,
     manager: Option<String>,
 }
 
@@ -348,15 +444,30 @@ impl Wrapper {
             })
             .map_err(|e| Failure::Setup(format!("cannot set up signal handling: {e}")))?;
 
-        let mut builder = Switcheroo::builder(config.namespace.clone(), config.port)
+        config.check().map_err(Failure::Setup)?;
+        let mut builder = Switcheroo::service(config.namespace.clone())
             .routes(config.routes)
             .port_range(config.range.clone());
+        for p in &config.ports {
+            builder = builder.port(p.port);
+        }
         if let Some(dir) = &config.record_dir {
             builder = builder.record_dir(dir);
         }
         let sw = builder.build()?;
-        let (listener, takeover) = sw.begin()?;
-        let port = takeover.port();
+        let http_port = config
+            .ports
+            .iter()
+            .position(|p| p.port.protocol == Protocol::Tcp);
+        if matches!(config.ready, Ready::Http(_)) && http_port.is_none() {
+            return Err(Failure::Setup(
+                "--ready http:/PATH probes a TCP port, and every --port is UDP; use --ready notify or delay:D".into(),
+            ));
+        }
+        let (bound, takeover) = sw.begin_all()?;
+        let mappings: Vec<Mapping> = bound.iter().map(|b| b.mapping()).collect();
+        let http_port = http_port.map(|i| mappings[i].internal);
+        let port = mappings[0].internal;
 
         let notify = match config.ready {
             Ready::Notify => Some(
@@ -374,25 +485,47 @@ impl Wrapper {
                 )
             })
             .collect();
-        env.push(("LISTEN_FDNAMES".into(), config.fd_name.clone().into()));
+        env.push(("LISTEN_FDNAMES".into(), config.names().join(":").into()));
         env.push(("SWITCHEROO_PORT".into(), port.to_string().into()));
+        let list: Vec<String> = mappings
+            .iter()
+            .map(|m| format!("{}={}", m.public, m.internal))
+            .collect();
+        env.push(("SWITCHEROO_PORTS".into(), list.join(",").into()));
         if let Some(notify) = &notify {
             env.push(("NOTIFY_SOCKET".into(), notify.env_value().into()));
         }
+        let named: Vec<(Option<String>, Mapping)> = config
+            .ports
+            .iter()
+            .zip(&mappings)
+            .map(|(p, m)| (p.name.clone(), *m))
+            .collect();
         let args: Vec<OsString> = config.command[1..]
             .iter()
-            .map(|a| with_port(a, port))
-            .collect();
-        // A server that is told its port binds it itself: it gets no socket, and ours
-        // must be closed before it starts (the port stays ours meanwhile: begin skips the
+            .map(|a| with_ports(a, &named))
+            .collect::<Result<_, _>>()
+            .map_err(Failure::Setup)?;
+        // A server that is told its ports binds them itself: it gets no socket, and ours
+        // must be closed before it starts (the ports stay ours meanwhile: begin skips the
         // ports of this namespace's rules, and the random start makes a collision with
         // another deploy unlikely).
-        let binds_itself = config.command[1..].iter().any(|a| with_port(a, port) != *a);
-        let listener = (!binds_itself).then_some(listener);
+        let binds_itself = args.iter().zip(&config.command[1..]).any(|(a, b)| a != b);
+        let ports: Vec<Held> = bound
+            .into_iter()
+            .map(|b| Held {
+                mapping: b.mapping(),
+                socket: (!binds_itself).then_some(b.socket),
+            })
+            .collect();
+        let fds: Vec<_> = ports
+            .iter()
+            .filter_map(|h| h.socket.as_ref().map(|s| s.as_fd()))
+            .collect();
         let name = config.command[0].to_string_lossy().into_owned();
         let child = Activation::new(config.command[0].clone(), args)
             .env(env)
-            .spawn(listener.as_ref().map(|l| l.as_fd()))
+            .spawn(&fds)
             .map_err(|source| Failure::Spawn {
                 name: name.clone(),
                 source,
@@ -406,8 +539,11 @@ impl Wrapper {
                 "cannot watch {name} (pid {child}) with a pidfd: {e} (Linux 5.3+)"
             ))
         })?;
+        drop(fds);
+        let list: Vec<String> = mappings.iter().map(Mapping::to_string).collect();
         info!(
-            "started {name} (pid {child}) on internal port {port}; waiting until it is ready ({})",
+            "started {name} (pid {child}) on {}; waiting until it is ready ({})",
+            list.join(", "),
             describe(&config.ready)
         );
         let wrapper = Wrapper {
@@ -422,9 +558,9 @@ impl Wrapper {
                 child_state: ChildState::Running,
                 notify,
             },
-            listener,
+            ports,
             name,
-            port,
+            http_port,
             manager,
         };
         Ok((wrapper, takeover))
@@ -439,10 +575,12 @@ impl Wrapper {
                 State::Draining(why) => self.drain(config, why),
                 State::Stopping { signal, kill_after } => self.stop(signal, kill_after),
                 State::Exited(status) => {
+                    self.forget_flows();
+                    self.let_go();
                     return match self.rolled_back.take() {
                         Some(failure) => Err(failure),
                         None => Ok(status),
-                    }
+                    };
                 }
             };
         }
@@ -464,7 +602,8 @@ impl Wrapper {
                         .min(Duration::from_secs(1))
                         .max(Duration::from_millis(1));
                     next_probe = now + Duration::from_millis(100);
-                    match ready::http_probe(self.port, path, timeout) {
+                    let port = self.http_port.expect("checked in start");
+                    match ready::http_probe(port, path, timeout) {
                         Ok(true) => true,
                         Ok(false) => {
                             debug!("GET {path}: not 2xx yet");
@@ -488,7 +627,7 @@ impl Wrapper {
             };
             match self.events.next(Some(wake), None) {
                 Event::ChildExited(status) => {
-                    self.listener = None;
+                    self.let_go();
                     return Err(Failure::ExitedBeforeReady {
                         name: self.name.clone(),
                         status: describe_status(status),
@@ -550,11 +689,15 @@ impl Wrapper {
                 });
             }
         };
+        let ports: Vec<String> = report
+            .mappings
+            .iter()
+            .map(|m| format!("port {} -> {}", m.public, m.internal))
+            .collect();
         info!(
-                "{name} is ready: port {public} -> {port} in {us} µs ({attempts} attempt{s}); replaced {removed} rules, signalled {signalled:?}",
+                "{name} is ready: {ports} in {us} µs ({attempts} attempt{s}); replaced {removed} rules, signalled {signalled:?}",
                 name = self.name,
-                public = config.port,
-                port = report.port,
+                ports = ports.join(", "),
                 us = report.elapsed.as_micros(),
                 attempts = report.attempts,
                 s = if report.attempts == 1 { "" } else { "s" },
@@ -573,8 +716,10 @@ impl Wrapper {
             Err(e) => warn!("cannot watch this instance's place in the chain: {e}; a probation or rollback will not be followed"),
         }
         self.tell_manager(&format!(
-            "READY=1\nSTATUS=port {} -> {} ({} pid {})",
-            config.port, self.port, self.name, self.events.child
+            "READY=1\nSTATUS={} ({} pid {})",
+            ports.join(", "),
+            self.name,
+            self.events.child
         ));
         Ok(State::Serving)
     }
@@ -590,7 +735,7 @@ impl Wrapper {
                 && self.tenure.as_ref().is_some_and(|t| t.deadline().is_some());
             let deadline = probing.then_some(next_probe);
             match self.events.next(deadline, self.tenure.as_ref()) {
-                Event::ChildExited(status) => return self.server_exited(config, status),
+                Event::ChildExited(status) => return self.server_exited(status),
                 Event::Signal(signal) if STOP.contains(&signal) => {
                     // An operator's stop while serving: leave the chain first, so that an
                     // instance below takes new connections at once. Replaced or rolled
@@ -620,7 +765,8 @@ impl Wrapper {
                         continue;
                     };
                     next_probe = Instant::now() + HEALTH_INTERVAL;
-                    match ready::http_probe(self.port, path, HEALTH_INTERVAL) {
+                    let port = self.http_port.expect("checked in start");
+                    match ready::http_probe(port, path, HEALTH_INTERVAL) {
                         Ok(true) => failures = 0,
                         other => {
                             failures += 1;
@@ -696,9 +842,9 @@ impl Wrapper {
 
     /// The server exited while serving. During a probation the standby below takes over:
     /// this instance leaves the chain and `run` exits 4; otherwise its status is passed on.
-    fn server_exited(&mut self, config: &Config, status: WaitStatus) -> State {
-        self.listener = None;
-        let public = config.port;
+    fn server_exited(&mut self, status: WaitStatus) -> State {
+        self.let_go();
+        let public = self.public_ports();
         let below_warm = self.tenure.as_ref().is_some_and(|t| t.deadline().is_some());
         if let Some(tenure) = &mut self.tenure {
             if let Err(e) = tenure.resign() {
@@ -719,11 +865,11 @@ impl Wrapper {
         }
         match status {
             WaitStatus::Exited(_, 0) => warn!(
-                "{} exited 0 on its own while serving; port {public} refuses connections until the next deploy",
+                "{} exited 0 on its own while serving; {public} refuses connections until the next deploy",
                 self.name
             ),
             _ => error!(
-                "{} {} while serving; port {public} refuses connections until the next deploy",
+                "{} {} while serving; {public} refuses connections until the next deploy",
                 self.name,
                 describe_status(status)
             ),
@@ -761,61 +907,82 @@ impl Wrapper {
         }
     }
 
-    /// SIGTERM/SIGINT after the switch: keep the server accepting until its accept queue
-    /// has stayed empty for the idle period (a second signal cuts it short).
+    /// SIGTERM/SIGINT after the switch: keep the server accepting until the accept queue
+    /// of each TCP port has stayed empty for the idle period, and answering until the
+    /// flows of each UDP port have been quiet for it (a second signal cuts it short).
     fn drain(&mut self, config: &Config, why: Retire) -> State {
         self.tell_manager("STOPPING=1");
+        let what = "waiting until the accept queues stay empty and the UDP flows quiet";
         let mut signal = match why {
             Retire::Signal(signal) => {
                 info!(
-                    "got {signal}: waiting until the accept queue of port {} stays empty, then stopping {}",
-                    self.port, self.name
+                    "got {signal}: {what} ({}), then stopping {}",
+                    self.public_ports(),
+                    self.name
                 );
                 Some(signal)
             }
             Retire::Removed => {
                 info!(
-                    "waiting until the accept queue of port {} stays empty, then stopping {}",
-                    self.port, self.name
+                    "{what} ({}), then stopping {}",
+                    self.public_ports(),
+                    self.name
                 );
                 None
             }
         };
-        let mut tracker = config.drain.tracker();
+        let tcp = Drain::new()
+            .idle(config.drain_idle)
+            .max_wait(config.drain_max);
+        let udp = FlowDrain::new()
+            .idle(config.drain_idle)
+            .max_wait(config.drain_max);
+        let mut trackers: Vec<(usize, Tracker)> = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, held)| {
+                let tracker = match held.mapping.public.protocol {
+                    Protocol::Tcp => Tracker::Tcp(tcp.tracker()),
+                    Protocol::Udp => Tracker::Udp(udp.tracker(&self.sw, held.mapping.internal)),
+                };
+                (i, tracker)
+            })
+            .collect();
+        let mut next_udp = Instant::now();
         loop {
-            // Our copy of the socket if the server got it; else the queue is read from
-            // /proc/net/tcp{,6} (a listening socket's rx_queue is its accept queue).
-            let sample = match &self.listener {
-                Some(listener) => tracker.check(listener),
-                None => tracker.check_port(self.port),
-            };
-            match sample {
-                Ok(Some(report)) => {
-                    info!(
-                        "drained in {} ms (longest accept queue {}{})",
-                        report.waited.as_millis(),
-                        report.max_queue,
-                        if report.timed_out {
-                            ", gave up waiting"
-                        } else {
-                            ""
-                        }
-                    );
-                    break;
+            let now = Instant::now();
+            let udp_due = now >= next_udp;
+            if udp_due {
+                next_udp = now + udp.tracker(&self.sw, 0).interval();
+            }
+            trackers.retain_mut(|(i, tracker)| {
+                let held = &self.ports[*i];
+                match self.sample(held, tracker, udp_due) {
+                    Ok(Some(report)) => {
+                        info!("port {} drained in {report}", held.mapping.public);
+                        false
+                    }
+                    Ok(None) => true,
+                    Err(e) => {
+                        warn!(
+                            "cannot follow port {} ({e}); stopping without its drain",
+                            held.mapping.public
+                        );
+                        false
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!("cannot read the accept queue ({e}); stopping without a drain");
-                    break;
-                }
+            });
+            if trackers.is_empty() {
+                break;
             }
             match self
                 .events
-                .next(Some(Instant::now() + tracker.interval()), None)
+                .next(Some(Instant::now() + tcp.tracker().interval()), None)
             {
                 Event::ChildExited(status) => {
                     info!("{} {} during the drain", self.name, describe_status(status));
-                    self.listener = None;
+                    self.let_go();
                     return State::Exited(status);
                 }
                 Event::Signal(stop) if STOP.contains(&stop) && signal.is_none() => {
@@ -831,18 +998,104 @@ impl Wrapper {
                 Event::Timeout | Event::Tenure => {}
             }
         }
+        // Before the signal: from here on a datagram of a flow that was ours starts a new
+        // flow, on the instance that serves now, and is answered from the public port;
+        // only a datagram the server is handling at this very moment is answered from the
+        // internal port, which its client drops. After the signal the server would be
+        // gone for a while before its exit is seen, and every busy flow would lose its
+        // datagrams to the closed port meanwhile.
+        self.forget_flows();
         State::Stopping {
             signal: signal.unwrap_or(Signal::SIGTERM),
             kill_after: config.kill_after,
         }
     }
 
-    /// Forwards `signal`, lets go of our copy of the listener (so that nobody holds a
-    /// socket that nobody accepts on), and waits for the server; SIGKILL after
-    /// `kill_after`.
+    /// One sample of a port's drain; UDP only when `udp_due` (each is a conntrack dump).
+    fn sample(
+        &self,
+        held: &Held,
+        tracker: &mut Tracker,
+        udp_due: bool,
+    ) -> Result<Option<String>, String> {
+        match tracker {
+            Tracker::Tcp(t) => {
+                // Our copy of the socket if the server got it; else the queue is read
+                // from /proc/net/tcp{,6} (a listening socket's rx_queue is its accept
+                // queue).
+                let report = match held.socket.as_ref().and_then(Socket::tcp) {
+                    Some(listener) => t.check(listener),
+                    None => t.check_port(held.mapping.internal),
+                };
+                Ok(report
+                    .map_err(|e| format!("the accept queue: {e}"))?
+                    .map(|r| {
+                        format!(
+                            "{} ms, longest accept queue {}{}",
+                            r.waited.as_millis(),
+                            r.max_queue,
+                            if r.timed_out { ", gave up waiting" } else { "" }
+                        )
+                    }))
+            }
+            Tracker::Udp(t) if udp_due => Ok(t.check().map_err(|e| e.to_string())?.map(|r| {
+                format!(
+                    "{} ms, {} flows{}",
+                    r.waited.as_millis(),
+                    r.flows,
+                    if r.timed_out {
+                        format!(", gave up waiting for {} busy ones", r.busy)
+                    } else {
+                        String::new()
+                    }
+                )
+            })),
+            Tracker::Udp(_) => Ok(None),
+        }
+    }
+
+    /// Lets go of our copies of the sockets, so that nobody holds a socket that nobody
+    /// serves.
+    fn let_go(&mut self) {
+        for held in &mut self.ports {
+            held.socket = None;
+        }
+    }
+
+    /// Forgets the UDP flows still mapped to this instance's ports, once its rules are
+    /// out of the chain, so that they continue on the instance that serves now.
+    fn forget_flows(&mut self) {
+        if self.tenure.is_none() {
+            return; // never switched: no flow was ever redirected here
+        }
+        for held in &self.ports {
+            if held.mapping.public.protocol != Protocol::Udp {
+                continue;
+            }
+            let port = held.mapping.internal;
+            match self.sw.forget_flows(port) {
+                Ok(0) => {}
+                Ok(n) => info!("forgot {n} UDP flows of internal port {port}"),
+                Err(e) => warn!("cannot forget the UDP flows of internal port {port}: {e}"),
+            }
+        }
+    }
+
+    /// The public ports, as `port 80/tcp, port 443/udp`.
+    fn public_ports(&self) -> String {
+        let list: Vec<String> = self
+            .ports
+            .iter()
+            .map(|h| format!("port {}", h.mapping.public))
+            .collect();
+        list.join(", ")
+    }
+
+    /// Forwards `signal`, lets go of our copies of the sockets (so that nobody holds a
+    /// socket that nobody serves), and waits for the server; SIGKILL after `kill_after`.
     fn stop(&mut self, signal: Signal, kill_after: Option<Duration>) -> State {
         self.forward(signal);
-        self.listener = None;
+        self.let_go();
         let mut deadline = kill_after.map(|d| Instant::now() + d);
         loop {
             match self.events.next(deadline, None) {
@@ -894,22 +1147,62 @@ impl Wrapper {
     }
 }
 
-/// `arg` with every `{port}` replaced by the internal port.
-fn with_port(arg: &OsString, port: u16) -> OsString {
+/// A drain in progress, per port.
+enum Tracker {
+    Tcp(DrainTracker),
+    Udp(FlowTracker),
+}
+
+/// `arg` with every `{port}` (only with one port) and `{port:X}` (X the NAME of a port,
+/// or its PORT/PROTO, or its PORT for TCP) replaced by that port's internal port.
+fn with_ports(arg: &OsString, ports: &[(Option<String>, Mapping)]) -> Result<OsString, String> {
     let bytes = arg.as_bytes();
-    let port = port.to_string();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i..].starts_with(b"{port}") {
-            out.extend_from_slice(port.as_bytes());
-            i += b"{port}".len();
+        let rest = &bytes[i..];
+        let placeholder = if rest.starts_with(b"{port}") {
+            Some((b"{port}".len(), None))
+        } else if rest.starts_with(b"{port:") {
+            rest.iter().position(|b| *b == b'}').map(|end| {
+                let key = String::from_utf8_lossy(&rest[b"{port:".len()..end]).into_owned();
+                (end + 1, Some(key))
+            })
         } else {
+            None
+        };
+        let Some((len, key)) = placeholder else {
             out.push(bytes[i]);
             i += 1;
-        }
+            continue;
+        };
+        let mapping = match &key {
+            None if ports.len() == 1 => &ports[0].1,
+            None => {
+                return Err(format!(
+                    "{{port}} in {:?} is ambiguous with {} ports; name one: {{port:NAME}} or {{port:PORT/PROTO}}",
+                    arg.to_string_lossy(),
+                    ports.len()
+                ))
+            }
+            Some(key) => {
+                let spec: Option<Port> = key.parse().ok();
+                &ports
+                    .iter()
+                    .find(|(name, m)| name.as_deref() == Some(key) || spec == Some(m.public))
+                    .ok_or_else(|| {
+                        format!(
+                            "{{port:{key}}} in {:?} names no --port (give NAME=PORT, or write the PORT/PROTO of one)",
+                            arg.to_string_lossy()
+                        )
+                    })?
+                    .1
+            }
+        };
+        out.extend_from_slice(mapping.internal.to_string().as_bytes());
+        i += len;
     }
-    OsString::from_vec(out)
+    Ok(OsString::from_vec(out))
 }
 
 fn describe(ready: &Ready) -> String {
@@ -941,14 +1234,56 @@ fn exit_code(status: WaitStatus) -> u8 {
 mod tests {
     use super::*;
 
+    fn mapping(public: Port, internal: u16) -> Mapping {
+        Mapping { public, internal }
+    }
+
     #[test]
     fn port_placeholder() {
+        let one = [(None, mapping(Port::tcp(80), 40401))];
+        let with_port = |arg: &str| with_ports(&arg.into(), &one).unwrap();
+        assert_eq!(with_port("--bind=[::]:{port}"), "--bind=[::]:40401");
+        assert_eq!(with_port("{port}{port}"), "4040140401");
+        assert_eq!(with_port("{por}"), "{por}");
+        assert_eq!(with_port("{port:80}"), "40401");
+    }
+
+    #[test]
+    fn named_port_placeholders() {
+        let ports = [
+            (Some("http".to_owned()), mapping(Port::tcp(80), 7)),
+            (None, mapping(Port::udp(443), 8)),
+            (Some("h2".to_owned()), mapping(Port::tcp(443), 9)),
+        ];
+        let sub = |arg: &str| with_ports(&arg.into(), &ports);
         assert_eq!(
-            with_port(&"--bind=[::]:{port}".into(), 40401),
-            "--bind=[::]:40401"
+            sub("{port:http},{port:443/udp},{port:h2},{port:443}").unwrap(),
+            "7,8,9,9"
         );
-        assert_eq!(with_port(&"{port}{port}".into(), 7), "77");
-        assert_eq!(with_port(&"{por}".into(), 7), "{por}");
+        assert!(sub("{port}").unwrap_err().contains("ambiguous"));
+        assert!(sub("{port:nope}").unwrap_err().contains("names no --port"));
+        assert_eq!(sub("{port:unclosed").unwrap(), "{port:unclosed");
+    }
+
+    #[test]
+    fn port_arguments() {
+        assert_eq!(
+            PortArg::parse("h3=443/udp"),
+            Ok(PortArg {
+                name: Some("h3".into()),
+                port: Port::udp(443)
+            })
+        );
+        assert_eq!(
+            PortArg::parse("8080"),
+            Ok(PortArg {
+                name: None,
+                port: Port::tcp(8080)
+            })
+        );
+        for bad in ["a:b=80", "=80", "x=0", "x=80/sctp", "x=y"] {
+            assert!(PortArg::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
