@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! echo [--namespace NAME] [--port PORT[/udp]]... [--tag TEXT] [--range MIN-MAX]
-//!      [--drain-max DURATION] [--probation DURATION]
+//!      [--drain-max DURATION] [--probation DURATION] [--no-drain]
 //! ```
 //!
 //! Defaults: namespace `echo`, the ports 8080/tcp and 5353/udp, tag `echo`. All its ports
@@ -15,9 +15,14 @@
 //! When a newer instance replaces it, each TCP listener drains as `hello`'s does
 //! ([`switcheroo::Drain`]); each UDP socket goes on answering the flows conntrack still
 //! maps to it until they have been quiet for a second ([`switcheroo::FlowDrain`], at most
-//! `--drain-max`, default 30 s), then it answers what is queued, forgets its flows
+//! `--drain-max`, default 30 s), then forgets its flows while it still answers
 //! ([`switcheroo::Switcheroo::forget_flows`]: a flow that goes on is mapped afresh, to the
-//! current instance), prints `udp <port> drained ...` and closes. Then it exits 0.
+//! current instance), answers for 10 ms more what was already on its way, prints
+//! `udp <port> drained ...` and closes. Then it exits 0.
+//!
+//! `--no-drain` is for benchmarks: a replaced instance closes its sockets at once and
+//! forgets nothing, as a server that knows nothing of its flows would (to measure what the
+//! drain and the forgetting prevent).
 //!
 //! Run by `switcheroo run` it serves the sockets passed as fds 3, 4, ... (in `--port`
 //! order), sends `READY=1`, and on SIGTERM (which the command sends after its own drain,
@@ -35,7 +40,7 @@ use switcheroo::{
     Change, Drain, FlowDrain, Port, Resignation, Shutdown, Socket, Switcheroo, Tenure, Wake,
 };
 
-const USAGE: &str = "usage: echo [--namespace NAME] [--port PORT[/udp]]... [--tag TEXT] [--range MIN-MAX] [--drain-max DURATION] [--probation DURATION]";
+const USAGE: &str = "usage: echo [--namespace NAME] [--port PORT[/udp]]... [--tag TEXT] [--range MIN-MAX] [--drain-max DURATION] [--probation DURATION] [--no-drain]";
 
 struct Args {
     namespace: String,
@@ -44,6 +49,7 @@ struct Args {
     range: Option<(u16, u16)>,
     drain_max: Duration,
     probation: Option<Duration>,
+    drain: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,12 +60,17 @@ fn parse_args() -> Result<Args, String> {
         range: None,
         drain_max: Duration::from_secs(30),
         probation: None,
+        drain: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             println!("{USAGE}");
             std::process::exit(0);
+        }
+        if flag == "--no-drain" {
+            args.drain = false;
+            continue;
         }
         let value = it
             .next()
@@ -101,14 +112,17 @@ struct Served {
     internal: u16,
     socket: Socket,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<io::Result<Option<Farewell>>>,
+    udp: Arc<UdpState>,
+    thread: JoinHandle<io::Result<()>>,
 }
 
-/// How a UDP socket's flows were let go.
-struct Farewell {
-    forgotten: usize,
-    /// Datagrams that arrived between the last answer and the forgetting: lost.
-    late: usize,
+/// What a UDP socket's serving thread shares with the retiring one.
+#[derive(Default)]
+struct UdpState {
+    /// Set once the flows are forgotten: every answer after it goes to a datagram that
+    /// arrived before, and leaves from the internal port (its client drops it).
+    forgotten: AtomicBool,
+    late: std::sync::atomic::AtomicUsize,
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -140,6 +154,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut served = Vec::new();
     for (label, socket) in sockets {
         let stop = Arc::new(AtomicBool::new(false));
+        let udp = Arc::new(UdpState::default());
         let greeting = format!("{} pid={pid}", args.tag);
         let (thread, internal) = match &socket {
             Socket::Tcp(l) => {
@@ -152,12 +167,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 )
             }
             Socket::Udp(u) => {
-                let (u, stop) = (u.try_clone()?, stop.clone());
+                let (u, stop, state) = (u.try_clone()?, stop.clone(), udp.clone());
                 let prefix = format!("{greeting} ");
                 let internal = u.local_addr()?.port();
-                let sw = takeover.as_ref().map(|(sw, _)| sw.clone());
                 (
-                    std::thread::spawn(move || serve_udp(u, &prefix, &stop, sw.as_ref())),
+                    std::thread::spawn(move || serve_udp(u, &prefix, &stop, &state)),
                     internal,
                 )
             }
@@ -167,6 +181,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             internal,
             socket,
             stop,
+            udp,
             thread,
         });
     }
@@ -218,6 +233,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (sw, why) = why;
     eprintln!("retiring ({why})");
+    if !args.drain {
+        for s in &served {
+            s.stop.store(true, Ordering::SeqCst);
+        }
+        for s in served {
+            drop(s.socket);
+            s.thread.join().map_err(|_| "a serving thread panicked")??;
+        }
+        return Ok(());
+    }
     // Every socket drains at once, each in its own way.
     let drain_max = args.drain_max;
     std::thread::scope(
@@ -259,10 +284,16 @@ fn retire(
         }
         Socket::Udp(_) => {
             let drained = FlowDrain::new().max_wait(drain_max).wait(sw, s.internal)?;
-            // The serving thread answers what is queued, forgets the flows, and stops.
+            // Forgotten while still answering: a datagram of a flow that was ours now
+            // starts a new flow on the current instance; only one that is queued here at
+            // this instant is answered from the internal port (counted as late).
+            let forgotten = sw.forget_flows(s.internal)?;
+            s.udp.forgotten.store(true, Ordering::SeqCst);
+            // Datagrams on their way here when the flows went are answered, then stop.
+            std::thread::sleep(Duration::from_millis(10));
             s.stop.store(true, Ordering::SeqCst);
-            let farewell = s.thread.join().map_err(|_| "panicked")??;
-            let Farewell { forgotten, late } = farewell.ok_or("no farewell")?;
+            s.thread.join().map_err(|_| "panicked")??;
+            let late = s.udp.late.load(Ordering::SeqCst);
             eprintln!(
                 "udp {} drained in {}ms flows={} busy={} timed_out={} forgotten={forgotten} late={late}",
                 s.label,
@@ -274,12 +305,6 @@ fn retire(
         }
     }
     Ok(())
-}
-
-/// How many datagrams wait in `socket` (read and dropped).
-fn queued_datagrams(socket: &UdpSocket) -> usize {
-    let mut buf = [0u8; 2048];
-    std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()
 }
 
 fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Result<String> {
@@ -307,7 +332,7 @@ fn readable(fd: impl AsFd) -> bool {
     matches!(poll(&mut fds, PollTimeout::from(50u16)), Ok(n) if n > 0)
 }
 
-fn serve_tcp(listener: TcpListener, line: &str, stop: &AtomicBool) -> io::Result<Option<Farewell>> {
+fn serve_tcp(listener: TcpListener, line: &str, stop: &AtomicBool) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     loop {
         // Whatever is queued is served, even once stopping.
@@ -315,41 +340,31 @@ fn serve_tcp(listener: TcpListener, line: &str, stop: &AtomicBool) -> io::Result
             let _ = stream.write_all(line.as_bytes());
         }
         if stop.load(Ordering::SeqCst) {
-            return Ok(None);
+            return Ok(());
         }
         readable(&listener);
     }
 }
 
-/// Answers datagrams until `stop`; then, with `sw` (when it switched itself), reads the
-/// flows still mapped here, answers what is queued, forgets the flows, and counts what
-/// arrived in between.
+/// Answers datagrams until `stop`, and what is queued then.
 fn serve_udp(
     socket: UdpSocket,
     prefix: &str,
     stop: &AtomicBool,
-    sw: Option<&Switcheroo>,
-) -> io::Result<Option<Farewell>> {
+    state: &UdpState,
+) -> io::Result<()> {
     socket.set_nonblocking(true)?;
-    let port = socket.local_addr()?.port();
     loop {
-        answer_queued(&socket, prefix)?;
+        answer_queued(&socket, prefix, state)?;
         if stop.load(Ordering::SeqCst) {
-            let Some(sw) = sw else {
-                return Ok(None);
-            };
-            let flows = sw.flows(port).map_err(io::Error::other)?;
-            answer_queued(&socket, prefix)?;
-            let forgotten = flows.forget().map_err(io::Error::other)?;
-            let late = queued_datagrams(&socket);
-            return Ok(Some(Farewell { forgotten, late }));
+            return Ok(());
         }
         readable(&socket);
     }
 }
 
 /// Answers every datagram queued on `socket`.
-fn answer_queued(socket: &UdpSocket, prefix: &str) -> io::Result<()> {
+fn answer_queued(socket: &UdpSocket, prefix: &str, state: &UdpState) -> io::Result<()> {
     let mut buf = [0u8; 2048];
     let mut answer = Vec::with_capacity(4096);
     loop {
@@ -359,6 +374,9 @@ fn answer_queued(socket: &UdpSocket, prefix: &str) -> io::Result<()> {
                 answer.extend_from_slice(prefix.as_bytes());
                 answer.extend_from_slice(&buf[..n]);
                 let _ = socket.send_to(&answer, from);
+                if state.forgotten.load(Ordering::Relaxed) {
+                    state.late.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

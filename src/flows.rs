@@ -10,8 +10,8 @@
 //!
 //! [`FlowDrain`] waits until the flows still mapped to a port have been quiet for an idle
 //! period (bounded by a maximum), reading them from conntrack. When the instance leaves,
-//! [`Switcheroo::flows`] and [`Flows::forget`] delete the entries that still map to its
-//! port: otherwise
+//! [`Switcheroo::forget_flows`] (or [`Switcheroo::flows`] and [`Flows::forget`]) deletes
+//! the entries that still map to its port, while it still answers: otherwise
 //! a flow that goes on would keep feeding the closed port (answered by ICMP port
 //! unreachable) until its entry expired, and with it the flow would be mapped afresh, to
 //! the current instance.
@@ -252,32 +252,16 @@ impl Flows {
         self.entries.is_empty()
     }
 
-    /// Deletes the entries read, the most recently active first, then any that appeared
-    /// since (a second, filtered dump), and returns how many were deleted. The read
-    /// happened earlier, so a busy flow's entry goes within microseconds of the call: a
-    /// datagram that arrives between the last answer and that deletion is lost with the
-    /// socket.
+    /// Deletes the entries read, the most recently active first and all in one go (one
+    /// `sendmsg` per 64), then any that appeared since (a second, filtered dump), and
+    /// returns how many were deleted.
     pub fn forget(self) -> Result<usize> {
-        let Flows {
-            sw,
-            port,
-            mut entries,
-        } = self;
-        let timeouts = UdpTimeouts::read(&sw)?;
-        entries.sort_by_key(|e| timeouts.quiet_secs(e.assured(), e.timeout));
+        let Flows { sw, port, entries } = self;
         sw.with_conn(|conn, _| {
-            let mut forgotten = 0;
-            for entry in &entries {
-                if conn.delete_conntrack(entry)? {
-                    forgotten += 1;
-                }
-            }
+            let mut forgotten = conn.delete_conntrack_all(&entries)?;
             for family in Family::ALL {
-                for entry in conn.conntrack_to_port(family, Protocol::Udp, port)? {
-                    if conn.delete_conntrack(&entry)? {
-                        forgotten += 1;
-                    }
-                }
+                let since = conn.conntrack_to_port(family, Protocol::Udp, port)?;
+                forgotten += conn.delete_conntrack_all(&since)?;
             }
             if forgotten > 0 {
                 log::debug!(
@@ -292,17 +276,23 @@ impl Flows {
 
 impl Switcheroo {
     /// The UDP flows that conntrack maps to the internal port `port` (both families) in
-    /// the service's network namespace, to [`forget`](Flows::forget) as the instance
-    /// behind `port` leaves. Read them while still answering, answer what is queued, then
-    /// forget them and close: a flow that goes on is then mapped afresh, to the instance
-    /// that serves now, instead of feeding a closed port until its entry expires. (A flow
-    /// still answered from `port` after it is forgotten would reach its client from the
-    /// internal port, not the public one.) Needs CAP_NET_ADMIN.
+    /// the service's network namespace, the most recently active first, to
+    /// [`forget`](Flows::forget) as the instance behind `port` leaves. Forget them while
+    /// still answering, answer for a few milliseconds more, then close: a flow that goes
+    /// on is then mapped afresh, to the instance that serves now, instead of feeding a
+    /// closed port until its entry expires. Only a datagram that is waiting in the socket
+    /// at the instant its flow goes is answered from the internal port, which its client
+    /// drops. Needs CAP_NET_ADMIN.
     pub fn flows(&self, port: u16) -> Result<Flows> {
+        let mut entries = flows_to(self, port)?;
+        // The most recently active first, and among those the assured (long-lived) ones:
+        // a flow of one datagram and its answer is as recent, but over.
+        let timeouts = UdpTimeouts::read(self)?;
+        entries.sort_by_key(|e| (timeouts.quiet_secs(e.assured(), e.timeout), !e.assured()));
         Ok(Flows {
             sw: self.clone(),
             port,
-            entries: flows_to(self, port)?,
+            entries,
         })
     }
 

@@ -89,10 +89,24 @@ impl Conn {
         crate::netns::cookie(self.sock.fd())
     }
 
-    fn next_seq(&mut self, count: u32) -> u32 {
+    pub(crate) fn next_seq(&mut self, count: u32) -> u32 {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(count);
         seq
+    }
+
+    /// Sends the messages `msgs` (built in safe Rust) in one `sendmsg`.
+    pub(crate) fn send_all(
+        &mut self,
+        op: &dyn Fn() -> String,
+        context: Context,
+        msgs: &[Vec<u8>],
+    ) -> Result<(), Error> {
+        self.tx.clear();
+        for msg in msgs {
+            self.tx.put_bytes(msg);
+        }
+        self.send(op, context)
     }
 
     fn send(&mut self, op: &dyn Fn() -> String, context: Context) -> Result<(), Error> {
@@ -108,7 +122,7 @@ impl Conn {
     }
 
     /// Receives replies and hands each message to `on_msg` until it returns `Some`.
-    fn recv_until<T>(
+    pub(crate) fn recv_until<T>(
         &mut self,
         op: &dyn Fn() -> String,
         context: Context,
@@ -618,7 +632,7 @@ impl Replies {
 }
 
 /// The errno of an `NLMSG_ERROR` payload (`struct nlmsgerr`), positive; 0 is an ack.
-fn ack_errno(payload: &[u8]) -> Option<i32> {
+pub(crate) fn ack_errno(payload: &[u8]) -> Option<i32> {
     let error = i32::from_ne_bytes(payload.get(0..4)?.try_into().ok()?);
     Some(error.checked_neg().unwrap_or(libc::EPROTO))
 }

@@ -654,6 +654,8 @@ pub fn version(answer: &str) -> Option<usize> {
 /// when, and how many times it had to be sent again.
 pub struct FlowLog {
     pub answers: Vec<(Instant, usize)>,
+    /// Datagrams that had to be sent more than once (their first copy or its answer was
+    /// lost).
     pub resent: usize,
     pub lost: Vec<String>,
 }
@@ -666,7 +668,7 @@ pub fn ask(socket: &UdpSocket, payload: &str, resent: &mut usize) -> Option<Stri
         .unwrap();
     let mut buf = [0u8; 512];
     for attempt in 0..20 {
-        if attempt > 0 {
+        if attempt == 1 {
             *resent += 1;
         }
         if socket.send(payload.as_bytes()).is_err() {
