@@ -53,6 +53,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
+pub mod check;
 mod comment;
 mod deploy;
 mod drain;

@@ -206,6 +206,7 @@ impl Switcheroo {
     /// ```no_run
     /// let sw = switcheroo::Switcheroo::service("web").tcp(80).tcp(443).udp(443).build()?;
     /// let (sockets, takeover) = sw.begin_all()?;
+    /// assert_eq!(sockets.len(), 3);
     /// // ... serve HTTP, HTTPS and HTTP/3 on sockets[0], [1] and [2] ...
     /// takeover.commit()?;
     /// # Ok::<(), switcheroo::Error>(())

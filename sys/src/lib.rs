@@ -40,6 +40,7 @@ pub mod netns;
 mod nftnl;
 mod pidfd;
 mod rule;
+pub mod ruleset;
 mod socket;
 #[cfg(feature = "spawn")]
 pub mod spawn;

@@ -30,6 +30,9 @@ const EXIT_ROLLED_BACK: u8 = 4;
 
 const AFTER_HELP: &str = "\
 Examples:
+  # before the first deploy: will the firewall let redirected connections in?
+  switcheroo check -p 8080
+
   # serve 8080 with gunicorn; run the same line again to deploy a new version
   switcheroo run --port 8080 --ready http:/healthz -- gunicorn app:app
 
@@ -54,7 +57,7 @@ Examples:
   switcheroo cleanup --namespace api
 
 Exit status:
-  0        run: the server exited 0; status, cleanup: success
+  0        run: the server exited 0; status, cleanup: success; check: nothing blocks
   1        an error of switcheroo itself (permissions, netfilter, bad input), or run's
            switch failed (the new server is stopped); nothing changed, the old version
            keeps serving
@@ -65,7 +68,7 @@ Exit status:
   4        run: this instance was rolled back (switcheroo rollback, 3 failed health checks
            or its server's exit during the probation); the previous instance serves again
   1        rollback: nothing to roll back to; promote: no live canary (the ruleset is
-           unchanged; the message says why)
+           unchanged; the message says why); check: a blocker was found
   N        run: the server's own exit status, or 128+signal if a signal ended it
 
 Logging goes to stderr; RUST_LOG=debug (or warn, ...) sets the level, info by default.
@@ -85,6 +88,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Diagnose this host before the first deploy, changing nothing: the kernel's parts,
+    /// IPv6, every firewall chain on the input hook (would it drop a redirected
+    /// connection? then the exact fix), the internal range against the ephemeral ports,
+    /// conntrack's headroom. Exits 1 when something blocks
+    Check(CheckArgs),
     /// Start COMMAND with a fresh listening socket as fd 3, switch the public port to it
     /// once it is ready, and stop the previous instance gracefully
     #[command(after_help = run::AFTER_HELP)]
@@ -169,6 +177,22 @@ struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+struct CheckArgs {
+    /// The service; without --port, its public ports are read from its rules
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// A public port, as for run: `[NAME=]PORT[/tcp|/udp]` (repeatable)
+    #[arg(long, short = 'p', value_name = "[NAME=]PORT[/PROTO]", value_parser = run::PortArg::parse)]
+    port: Vec<run::PortArg>,
+    /// Internal ports to choose from, MIN-MAX
+    #[arg(long, default_value = "40400-40499", value_parser = parse_range)]
+    range: RangeInclusive<u16>,
+    /// Print {"findings": [...], "blockers": N} as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct StatusArgs {
     /// Only this namespace's rules
     #[arg(long, short = 'n')]
@@ -198,6 +222,7 @@ fn main() -> ExitCode {
         .format_target(false)
         .init();
     let result = match cli.command {
+        Command::Check(args) => return check(args),
         Command::Run(args) => return run::run((*args).into()),
         Command::Status(args) => status(args),
         Command::Cleanup(args) => switcheroo::cleanup(&args.namespace).map(|n| {
@@ -249,6 +274,78 @@ impl From<RunArgs> for run::Config {
             canary: a.canary,
             command: a.command,
         }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let mut ports: Vec<switcheroo::Port> = args.port.iter().map(|p| p.port).collect();
+    if ports.is_empty() {
+        match switcheroo::all_rules() {
+            Ok(rules) => {
+                for rule in rules.iter().filter(|r| r.namespace == args.namespace) {
+                    if !ports.contains(&rule.public()) {
+                        ports.push(rule.public());
+                    }
+                }
+            }
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    }
+    let target = switcheroo::check::Target {
+        ports,
+        range: args.range,
+    };
+    let findings = match switcheroo::check::check(&target) {
+        Ok(findings) => findings,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let blockers = switcheroo::check::blockers(&findings).count();
+    let text = if args.json {
+        let items: Vec<String> = findings
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{\"level\":\"{}\",\"topic\":\"{}\",\"what\":{},\"fix\":{},\"keep\":{}}}",
+                    f.level.to_string().to_lowercase(),
+                    f.topic,
+                    json_string(&f.what),
+                    f.fix.as_deref().map_or("null".to_owned(), json_string),
+                    f.keep.as_deref().map_or("null".to_owned(), json_string)
+                )
+            })
+            .collect();
+        format!(
+            "{{\"findings\":[{}],\"blockers\":{blockers}}}\n",
+            items.join(",")
+        )
+    } else {
+        let mut text = String::new();
+        for f in &findings {
+            text.push_str(&format!("{:<8} {:<9} {}\n", f.level, f.topic, f.what));
+            if let Some(fix) = &f.fix {
+                text.push_str(&format!("{:<8} {:<9} fix:  {fix}\n", "", ""));
+            }
+            if let Some(keep) = &f.keep {
+                text.push_str(&format!("{:<8} {:<9} keep: {keep}\n", "", ""));
+            }
+        }
+        text.push_str(&match blockers {
+            0 => "nothing blocks a deploy\n".to_owned(),
+            n => format!("{n} blocker(s): fix them before the first deploy\n"),
+        });
+        text
+    };
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    if blockers == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
     }
 }
 

@@ -455,6 +455,24 @@ impl Wrapper {
             builder = builder.record_dir(dir);
         }
         let sw = builder.build()?;
+        // What would make the deploy look fine and fail anyway (a firewall that drops
+        // redirected connections): said once, at the start.
+        let target = switcheroo::check::Target {
+            ports: config.ports.iter().map(|p| p.port).collect(),
+            range: config.range.clone(),
+        };
+        match switcheroo::check::check(&target) {
+            Ok(findings) => {
+                for f in switcheroo::check::blockers(&findings) {
+                    warn!(
+                        "{}; fix: {} (switcheroo check says more)",
+                        f.what,
+                        f.fix.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Err(e) => debug!("the host check failed: {e}"),
+        }
         let http_port = config
             .ports
             .iter()
