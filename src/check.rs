@@ -432,7 +432,7 @@ impl Walk<'_> {
                 let mask = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
                 truth_of(mask & CT_STATE_NEW != 0)
             }
-            ("multiport", 1) if info.len() >= 2 + 30 + 15 + 1 => {
+            ("multiport", 1) if info.len() >= 48 => {
                 // struct xt_multiport_v1: flags, count, ports[15], pflags[15], invert.
                 let (flags, count) = (info[0], info[1] as usize);
                 if flags != 1 || count > 15 {
