@@ -99,9 +99,8 @@ fn docker_and_kube_proxy_rules_survive_twenty_deploys_under_load_untouched() {
             let mut moves = 0;
             while !stop.load(Ordering::SeqCst) {
                 for chain in ["PREROUTING", "OUTPUT"] {
-                    let jump = format!(
-                        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
-                    );
+                    let jump =
+                        "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES";
                     let script = format!(
                         "iptables-nft -t nat -D {chain} {jump} && iptables-nft -t nat -I {chain} {jump}"
                     );
