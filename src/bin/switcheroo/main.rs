@@ -154,6 +154,10 @@ struct RunArgs {
     /// this long (default: wait for as long as it takes)
     #[arg(long, value_parser = ready::parse_duration)]
     kill_after: Option<Duration>,
+    /// Send SIGNAL (e.g. USR1) to the server as soon as this instance is replaced, before
+    /// the drain, so that it can answer `Connection: close` from then on (see below)
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    notify_replaced: Option<nix::sys::signal::Signal>,
     /// The name in LISTEN_FDNAMES of each port given without NAME= (default: the
     /// namespace)
     #[arg(long)]
@@ -269,6 +273,7 @@ impl From<RunArgs> for run::Config {
             drain_idle: a.drain_idle,
             drain_max: a.drain_max,
             kill_after: a.kill_after,
+            notify_replaced: a.notify_replaced,
             record_dir: a.record_dir,
             probation: a.probation,
             canary: a.canary,
@@ -429,6 +434,28 @@ fn json(rules: &[Rule]) -> String {
         })
         .collect();
     format!("{{\"rules\":[{}]}}\n", items.join(","))
+}
+
+/// A signal by name, `USR1` or `SIGUSR1`; not one that stops or kills.
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    let name = if s.starts_with("SIG") {
+        s.to_owned()
+    } else {
+        format!("SIG{s}")
+    };
+    let signal: Signal = name
+        .parse()
+        .map_err(|_| format!("{s:?} is not a signal name (USR1, HUP, WINCH, ...)"))?;
+    if matches!(
+        signal,
+        Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGTERM | Signal::SIGINT
+    ) {
+        return Err(format!(
+            "{s}: choose a signal the server can take as a notice, not one that stops it"
+        ));
+    }
+    Ok(signal)
 }
 
 fn json_string(s: &str) -> String {

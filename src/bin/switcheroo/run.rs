@@ -39,6 +39,11 @@ systemd passes one for ListenDatagram=). A port's name is NAME from NAME=PORT, e
 SWITCHEROO_PORT=<internal port of the first> and SWITCHEROO_PORTS=<PORT/PROTO=INTERNAL,...>
 say where they are. With --ready notify it also gets NOTIFY_SOCKET and must send READY=1.
 
+With --notify-replaced SIGNAL, the server gets SIGNAL (and SWITCHEROO_REPLACED_SIGNAL
+names it) as soon as it is replaced, before the drain: a server that then answers every
+request with `Connection: close` moves its keep-alive clients away before SIGTERM, so
+none of them sends a request on a connection the server is closing.
+
 If an argument contains {port} (one port) or {port:NAME} (NAME, or PORT/PROTO, of a
 --port), the server binds its ports itself: it gets no socket and no LISTEN_* variables,
 and the drain reads the accept queues from /proc/net/tcp.
@@ -81,6 +86,7 @@ pub struct Config {
     pub drain_idle: Duration,
     pub drain_max: Duration,
     pub kill_after: Option<Duration>,
+    pub notify_replaced: Option<Signal>,
     pub fd_name: String,
     pub record_dir: Option<PathBuf>,
     pub probation: Option<Duration>,
@@ -510,6 +516,9 @@ impl Wrapper {
             .map(|m| format!("{}={}", m.public, m.internal))
             .collect();
         env.push(("SWITCHEROO_PORTS".into(), list.join(",").into()));
+        if let Some(signal) = config.notify_replaced {
+            env.push(("SWITCHEROO_REPLACED_SIGNAL".into(), signal.as_str().into()));
+        }
         if let Some(notify) = &notify {
             env.push(("NOTIFY_SOCKET".into(), notify.env_value().into()));
         }
@@ -930,6 +939,12 @@ impl Wrapper {
     /// flows of each UDP port have been quiet for it (a second signal cuts it short).
     fn drain(&mut self, config: &Config, why: Retire) -> State {
         self.tell_manager("STOPPING=1");
+        if let Some(replaced) = config.notify_replaced {
+            // Before the drain: keep-alive clients still send on their connections, and a
+            // server told so answers them with `Connection: close` until SIGTERM.
+            info!("telling {} it is being replaced ({replaced})", self.name);
+            self.forward(replaced);
+        }
         let what = "waiting until the accept queues stay empty and the UDP flows quiet";
         let mut signal = match why {
             Retire::Signal(signal) => {

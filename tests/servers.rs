@@ -1,0 +1,170 @@
+//! Third-party servers under `switcheroo run`, each with the shutdown recipe of the
+//! README's "Servers in other languages", deployed 8 times under keep-alive load (and new
+//! connections), on IPv4 and IPv6: no request may fail. The apps are in `tests/servers/`.
+
+mod common;
+#[path = "load/mod.rs"]
+mod load;
+
+use common::{require_root, Hello, Netns};
+use std::process::Command;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
+const DEPLOYS: usize = 8;
+
+fn dir() -> String {
+    format!("{}/tests/servers", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether `program -c/-e code` runs; a missing tool fails under CI, else skips.
+fn have(program: &str, check: &[&str], what: &str) -> bool {
+    let ok = Command::new(program)
+        .args(check)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let reason = format!("{what} is not installed (ci/setup installs it)");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{reason}; CI=true forbids skipping");
+        }
+        eprintln!("skipped: {reason}");
+    }
+    ok
+}
+
+fn run(ns: &Netns, args: &[&str]) -> Hello {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, BIN, "run"]).args(args);
+    let mut h = Hello::start_with(cmd, "switch log line", |line| {
+        let rest = line.split_once(" is ready: port ")?.1;
+        let port = rest.split_once(" -> ")?.1.split([' ', ',']).next()?;
+        Some((0, port.parse().ok()?))
+    });
+    h.pid = h.child.id();
+    h
+}
+
+/// Deploys `server` with run's `options` 8 times under load; 0 failed requests.
+fn deployed_under_keepalive_load(name: &str, options: &[&str], server: &[&str]) {
+    let ns = Netns::new();
+    let mut args = vec![
+        "-n",
+        "web",
+        "-p",
+        "8080",
+        "--range",
+        "41700-41799",
+        "--ready",
+        "http:/",
+    ];
+    args.extend_from_slice(options);
+    args.push("--");
+    args.extend_from_slice(server);
+    let mut current = run(&ns, &args);
+    let (stats, old) = ns.enter(|| {
+        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+            .iter()
+            .map(|t| {
+                let mut plan = load::Plan::new(t.parse().unwrap());
+                plan.close_clients = 1;
+                plan.keepalive_clients = 2;
+                load::Load::start(&plan)
+            })
+            .collect();
+        let mut old = Vec::new();
+        for _ in 0..DEPLOYS {
+            std::thread::sleep(Duration::from_millis(500));
+            old.push(std::mem::replace(&mut current, run(&ns, &args)));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        (stats, old)
+    });
+    let totals = load::Totals::of(&stats);
+    eprintln!(
+        "{name}: {DEPLOYS} deploys under keep-alive load: {} requests answered, {} failed",
+        totals.ok, totals.failed
+    );
+    assert_eq!(totals.failed, 0, "{name}: {:?}", totals.samples);
+    assert!(totals.ok > 500, "the load ran: {}", totals.ok);
+    assert!(
+        totals.answered.len() > DEPLOYS / 2,
+        "{name}: few servers answered: {:?}",
+        totals.answered
+    );
+    // run passes on the server's status: 0, or 143 for a server that ends its graceful
+    // shutdown by re-raising SIGTERM (uvicorn 0.29+ does).
+    for mut h in old {
+        let status = h.wait_exit(Duration::from_secs(20));
+        let code = status.and_then(|s| s.code());
+        assert!(
+            matches!(code, Some(0 | 143)),
+            "an old {name} under run ended with {status:?}: {:?}",
+            h.log
+        );
+    }
+}
+
+#[test]
+fn node_http_on_fd_3() {
+    if !require_root() || !have("node", &["-e", "0"], "node") {
+        return;
+    }
+    let script = format!("{}/server.js", dir());
+    deployed_under_keepalive_load("node", &[], &["node", &script]);
+}
+
+#[test]
+fn uvicorn_on_fd_3() {
+    if !require_root() || !have("python3", &["-c", "import uvicorn"], "uvicorn") {
+        return;
+    }
+    deployed_under_keepalive_load(
+        "uvicorn",
+        &["--notify-replaced", "USR1"],
+        &[
+            "python3",
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            &dir(),
+            "--fd",
+            "3",
+            "--no-access-log",
+            "app:asgi",
+        ],
+    );
+}
+
+#[test]
+fn gunicorn_gthread_with_keep_alive() {
+    if !require_root() || !have("python3", &["-c", "import gunicorn"], "gunicorn") {
+        return;
+    }
+    let config = format!("{}/gunicorn.conf.py", dir());
+    deployed_under_keepalive_load(
+        "gunicorn gthread",
+        &["--notify-replaced", "USR1"],
+        &[
+            "python3",
+            "-m",
+            "gunicorn",
+            "--config",
+            &config,
+            "--chdir",
+            &dir(),
+            "--worker-class",
+            "gthread",
+            "--workers",
+            "2",
+            "--threads",
+            "4",
+            "--keep-alive",
+            "5",
+            "--graceful-timeout",
+            "10",
+            "app:app",
+        ],
+    );
+}
