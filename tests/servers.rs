@@ -168,3 +168,34 @@ fn gunicorn_gthread_with_keep_alive() {
         ],
     );
 }
+
+#[test]
+fn go_net_http_on_fd_3() {
+    if !require_root() || !have("go", &["version"], "go (golang-go)") {
+        return;
+    }
+    // Built into a directory of the test's own, caches included.
+    let build = std::env::temp_dir().join(format!("switcheroo-go-{}", std::process::id()));
+    std::fs::create_dir_all(&build).unwrap();
+    let binary = build.join("server");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(format!("{}/server.go", dir()))
+        .env("GOCACHE", build.join("cache"))
+        .env("GOPATH", build.join("path"))
+        .env("GOFLAGS", "-modcacherw")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    deployed_under_keepalive_load(
+        "go net/http",
+        &["--notify-replaced", "USR1"],
+        &[binary.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_dir_all(&build);
+}
