@@ -80,6 +80,18 @@ pub fn check(target: &Target) -> Result<Vec<Finding>> {
     Ok(findings)
 }
 
+impl crate::Switcheroo {
+    /// [`check`] for this service (its ports and internal range) in its network
+    /// namespace.
+    pub fn check(&self) -> Result<Vec<Finding>> {
+        let target = Target {
+            ports: self.ports().to_vec(),
+            range: self.port_range(),
+        };
+        self.in_netns(|| check(&target))?
+    }
+}
+
 /// The blockers among `findings`, for a log line.
 pub fn blockers(findings: &[Finding]) -> impl Iterator<Item = &Finding> {
     findings.iter().filter(|f| f.level == Level::Blocker)
