@@ -425,3 +425,36 @@ fn a_switcheroo_acts_in_the_namespace_it_was_built_for_whichever_thread_calls() 
     assert_eq!(removed, 4);
     assert!(a.rule_lines().iter().all(|l| !l.contains("ns=decided:")));
 }
+
+#[test]
+fn a_services_check_looks_at_its_own_network_namespace() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ok(&[
+        "sh",
+        "-c",
+        "nft add table inet host && nft add chain inet host input '{ type filter hook input priority 0; policy drop; }'",
+    ]);
+    // Built inside the namespace, called from the test's own thread (another namespace,
+    // without that chain): the blocker found is the namespace's.
+    let sw = ns.enter(|| {
+        Switcheroo::service("chk")
+            .tcp(8080)
+            .udp(5353)
+            .build()
+            .unwrap()
+    });
+    let findings = sw.check().unwrap();
+    let blockers: Vec<_> = switcheroo::check::blockers(&findings).collect();
+    assert_eq!(blockers.len(), 1, "{findings:#?}");
+    assert!(
+        blockers[0].what.contains("inet host input"),
+        "{findings:#?}"
+    );
+    assert_eq!(
+        blockers[0].fix.as_deref(),
+        Some("nft insert rule inet host input ct status dnat accept")
+    );
+}
