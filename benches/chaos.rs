@@ -39,6 +39,12 @@ fn main() {
         s.failed as f64 / s.kills.max(1) as f64,
         s.violations.len()
     );
+    println!(
+        "\nOf those, {} failed in the {} (step, port) windows whose port had a live instance before and after the step (deploys, and kills of processes that were not serving it): {:.1} per 1,000 such windows.",
+        s.failed_while_served,
+        s.served_steps,
+        s.failed_while_served as f64 * 1000.0 / s.served_steps.max(1) as f64
+    );
     for v in &s.violations {
         println!("- {v}");
     }

@@ -27,7 +27,7 @@ fn a_minute_of_sigkills_and_churn_keeps_every_invariant_and_leaves_nothing_behin
     eprintln!("chaos: {secs} s, CHAOS_SEED={seed}");
     let s = chaos::run(secs, seed);
     eprintln!(
-        "chaos: {} steps, {} deploys, {} SIGKILLs (deployer {}, old instance {}, new wrapper {}, serving wrapper {}, its server {}), iptables-nft churned the chains {} times; {} requests, {} failed",
+        "chaos: {} steps, {} deploys, {} SIGKILLs (deployer {}, old instance {}, new wrapper {}, serving wrapper {}, its server {}), iptables-nft churned the chains {} times; {} requests, {} failed, {} of them during the {} (step, port) windows whose port had a live instance before and after",
         s.steps,
         s.deploys,
         s.kills,
@@ -38,7 +38,9 @@ fn a_minute_of_sigkills_and_churn_keeps_every_invariant_and_leaves_nothing_behin
         s.kills_by[4],
         s.churn,
         s.requests,
-        s.failed
+        s.failed,
+        s.failed_while_served,
+        s.served_steps
     );
     assert!(
         s.violations.is_empty(),

@@ -31,8 +31,20 @@ pub struct Summary {
     pub requests: u64,
     pub failed: u64,
     pub churn: usize,
+    /// Steps (per port) whose port had a live instance before and after them, and the
+    /// requests to that port that failed during those steps: what the deploys and the
+    /// kills of processes that were not serving cost.
+    pub served_steps: usize,
+    pub failed_while_served: u64,
     /// Invariant violations seen (each a description); must stay empty.
     pub violations: Vec<String>,
+}
+
+/// Whether `namespace`'s rules lead to a live instance.
+fn served(ns: &Netns, namespace: &str) -> bool {
+    let rules = our_rules(ns);
+    let mine: Vec<_> = rules.iter().filter(|r| r.namespace == namespace).collect();
+    !mine.is_empty() && mine.iter().all(|r| r.alive)
 }
 
 /// Our rules in `ns`, from the library (namespace, family, chain, alive, pid).
@@ -182,8 +194,12 @@ pub fn run(secs: u64, seed: u64) -> Summary {
 
     let hello = example("hello");
     let until = Instant::now() + Duration::from_secs(secs);
+    let failed_now =
+        |loads: &[load::Load]| -> Vec<u64> { loads.iter().map(|l| l.stats.failed()).collect() };
     while Instant::now() < until {
         summary.steps += 1;
+        let before: Vec<bool> = ["lib", "wrap"].iter().map(|n| served(&ns, n)).collect();
+        let failed_before = failed_now(&loads);
         match rng.below(7) {
             // A library deploy.
             0 | 1 => {
@@ -269,6 +285,13 @@ pub fn run(secs: u64, seed: u64) -> Summary {
         }
         std::thread::sleep(Duration::from_millis(100 + rng.below(200)));
         check_invariants(&ns, summary.steps, &mut summary.violations);
+        let failed_after = failed_now(&loads);
+        for (i, namespace) in ["lib", "wrap"].iter().enumerate() {
+            if before[i] && served(&ns, namespace) {
+                summary.served_steps += 1;
+                summary.failed_while_served += failed_after[i] - failed_before[i];
+            }
+        }
     }
 
     // One clean deploy of each kind repairs whatever the kills left.
