@@ -6,10 +6,11 @@ mod common;
 
 use common::{long_lived_flow, new_flows, require_root, version, FlowLog, Hello, Netns};
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switcheroo::{Role, Switcheroo};
 
 const DEPLOYS: usize = 10;
 
@@ -251,4 +252,80 @@ fn udp_flows_stay_with_their_instance_until_it_retires_and_every_datagram_is_ans
     eprintln!(
         "UDP over {DEPLOYS} deploys: {datagrams} datagrams on 4 long-lived flows ({sticky} answered by an instance after a newer one took the port), {fresh_datagrams} on new flows; every one answered; {resent} sent again after 100 ms without an answer; old instances forgot {forgotten} flows, {late} datagrams arrived in the moment between their last answer and the forgetting"
     );
+}
+
+#[test]
+fn a_probation_keeps_and_hands_back_every_port_of_the_previous_instance() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let args = |tag: &'static str| {
+        [
+            "--port",
+            "8080",
+            "--port",
+            "5353/udp",
+            "--tag",
+            tag,
+            "--probation",
+            "60s",
+        ]
+    };
+    let mut v0 = ns.example("echo", &args("v0"));
+    let mut v1 = ns.example("echo", &args("v1"));
+    let ask = |ns: &Netns| {
+        ns.enter(|| {
+            let mut tcp = String::new();
+            let _ =
+                TcpStream::connect("127.0.0.1:8080").and_then(|mut s| s.read_to_string(&mut tcp));
+            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            udp.connect("127.0.0.1:5353").unwrap();
+            udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            udp.send(b"x").unwrap();
+            let mut buf = [0u8; 256];
+            let n = udp.recv(&mut buf).unwrap_or(0);
+            (version(&tcp), version(&String::from_utf8_lossy(&buf[..n])))
+        })
+    };
+    assert_eq!(ask(&ns), (Some(1), Some(1)));
+    // v0 stays below on both ports, in every chain: the standby.
+    let rules = ns.enter(|| {
+        Switcheroo::service("echo")
+            .tcp(8080)
+            .udp(5353)
+            .build()
+            .unwrap()
+            .rules()
+            .unwrap()
+    });
+    let standby: Vec<String> = rules
+        .iter()
+        .filter(|r| r.pid == Some(v0.pid))
+        .map(|r| format!("{} {} {}", r.family, r.chain, r.public()))
+        .collect();
+    assert_eq!(standby.len(), 8, "{rules:#?}");
+    assert!(
+        rules.iter().all(|r| r.role
+            == if r.pid == Some(v0.pid) {
+                Role::Standby
+            } else {
+                Role::Active
+            }),
+        "{rules:#?}"
+    );
+    // v1 dies: v0 takes both ports back at once.
+    let _ = v1.child.kill();
+    let _ = v1.child.wait();
+    v0.line_containing("place Active");
+    assert_eq!(ask(&ns), (Some(0), Some(0)));
+    let left = ns.save(false);
+    assert_eq!(
+        left.lines()
+            .filter(|l| l.contains(&format!(":pid={}:", v0.pid)))
+            .count(),
+        4,
+        "{left}"
+    );
+    assert!(!left.contains(&format!(":pid={}:", v1.pid)), "{left}");
 }
