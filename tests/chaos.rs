@@ -42,6 +42,7 @@ fn a_minute_of_sigkills_and_churn_keeps_every_invariant_and_leaves_nothing_behin
         s.failed_while_served,
         s.served_steps
     );
+    eprintln!("chaos: those by step kind: {:?}", s.served_failures_by_step);
     assert!(
         s.violations.is_empty(),
         "CHAOS_SEED={seed}: {:#?}",

@@ -36,6 +36,9 @@ pub struct Summary {
     /// kills of processes that were not serving cost.
     pub served_steps: usize,
     pub failed_while_served: u64,
+    /// Those failures by the step's kind (library deploy, killed library deployer, killed
+    /// serving library instance, wrapped deploy, killed serving wrapper, killed server).
+    pub served_failures_by_step: [u64; 7],
     /// Invariant violations seen (each a description); must stay empty.
     pub violations: Vec<String>,
 }
@@ -200,7 +203,8 @@ pub fn run(secs: u64, seed: u64) -> Summary {
         summary.steps += 1;
         let before: Vec<bool> = ["lib", "wrap"].iter().map(|n| served(&ns, n)).collect();
         let failed_before = failed_now(&loads);
-        match rng.below(7) {
+        let kind = rng.below(7);
+        match kind {
             // A library deploy.
             0 | 1 => {
                 summary.deploys += 1;
@@ -290,6 +294,8 @@ pub fn run(secs: u64, seed: u64) -> Summary {
             if before[i] && served(&ns, namespace) {
                 summary.served_steps += 1;
                 summary.failed_while_served += failed_after[i] - failed_before[i];
+                summary.served_failures_by_step[kind as usize] +=
+                    failed_after[i] - failed_before[i];
             }
         }
     }
