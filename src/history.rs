@@ -209,9 +209,11 @@ impl Switcheroo {
     /// retires. [`Error::NothingToRollBack`] says why when there is nothing to go back to;
     /// the ruleset is then unchanged.
     pub fn rollback(&self) -> Result<Rollback> {
-        self.with_conn(|conn, recorded| {
+        let rollback = self.with_conn(|conn, recorded| {
             rollback_in(conn, self.namespace(), self.max_attempts(), recorded)
-        })
+        })?;
+        forget_dead_owners(self, &rollback.removed)?;
+        Ok(rollback)
     }
 
     /// Makes the live canary the active in one transaction: a plain rule of the canary's
@@ -221,9 +223,11 @@ impl Switcheroo {
     /// with a [`Tenure`](crate::Tenure), decides when the standby retires.
     /// [`Error::NoCanary`] without a live canary; the ruleset is then unchanged.
     pub fn promote(&self) -> Result<Promotion> {
-        self.with_conn(|conn, recorded| {
+        let promotion = self.with_conn(|conn, recorded| {
             promote_in(conn, self.namespace(), self.max_attempts(), recorded)
-        })
+        })?;
+        forget_dead_owners(self, &promotion.removed)?;
+        Ok(promotion)
     }
 }
 
@@ -242,7 +246,9 @@ fn valid(namespace: &str) -> Result<()> {
 pub fn rollback(namespace: &str) -> Result<Rollback> {
     valid(namespace)?;
     let mut conn = Conn::open()?;
-    rollback_in(&mut conn, namespace, MAX_ATTEMPTS, None)
+    let rollback = rollback_in(&mut conn, namespace, MAX_ATTEMPTS, None)?;
+    forget_dead(&mut conn, &rollback.removed, &rebound(&rollback.removed));
+    Ok(rollback)
 }
 
 /// [`Switcheroo::promote`] for the service `namespace` in the calling thread's network
@@ -250,7 +256,9 @@ pub fn rollback(namespace: &str) -> Result<Rollback> {
 pub fn promote(namespace: &str) -> Result<Promotion> {
     valid(namespace)?;
     let mut conn = Conn::open()?;
-    promote_in(&mut conn, namespace, MAX_ATTEMPTS, None)
+    let promotion = promote_in(&mut conn, namespace, MAX_ATTEMPTS, None)?;
+    forget_dead(&mut conn, &promotion.removed, &rebound(&promotion.removed));
+    Ok(promotion)
 }
 
 /// Deletes the rules of dead owners and those `which` selects, in one transaction, when
@@ -270,22 +278,33 @@ pub(crate) fn remove(sw: &Switcheroo, mut which: impl FnMut(&Rule) -> bool) -> R
                 Ok(())
             })
     })?;
-    let dead: Vec<(Protocol, u16)> = outcome
-        .removed
+    forget_dead_owners(sw, &outcome.removed)?;
+    Ok(outcome)
+}
+
+/// The dead owners' ports among `removed` that something is bound to again, checked in
+/// the calling thread's network namespace.
+fn rebound(removed: &[Rule]) -> Vec<(Protocol, u16)> {
+    removed
         .iter()
         .filter(|r| !r.alive)
         .map(|r| (r.protocol, r.internal_port))
-        .collect();
-    let listening: Vec<(Protocol, u16)> = sw.in_netns(|| {
-        dead.into_iter()
-            .filter(|(protocol, port)| crate::port::in_use(*protocol, *port))
-            .collect()
-    })?;
+        .filter(|(protocol, port)| crate::port::in_use(*protocol, *port))
+        .collect()
+}
+
+/// [`forget_dead`] for rules a transaction of `sw` removed: whoever deletes a dead owner's
+/// rules (a deploy, a rollback, an instance below it) also forgets the connections
+/// conntrack still maps to its port.
+pub(crate) fn forget_dead_owners(sw: &Switcheroo, removed: &[Rule]) -> Result<()> {
+    if removed.iter().all(|r| r.alive) {
+        return Ok(());
+    }
+    let listening = sw.in_netns(|| rebound(removed))?;
     sw.with_conn(|conn, _| {
-        forget_dead(conn, &outcome.removed, &listening);
+        forget_dead(conn, removed, &listening);
         Ok(())
-    })?;
-    Ok(outcome)
+    })
 }
 
 /// `TCP_CONNTRACK_TIME_WAIT` (`linux/netfilter/nf_conntrack_tcp.h`).

@@ -213,6 +213,11 @@ impl Takeover {
             .cloned()
             .collect();
         let signalled = terminate_all(owners(&leaving));
+        // A dead owner's connections that its death reset stay in conntrack (CLOSE) mapped
+        // to its port; a client that reuses such a port would follow one to the dead port.
+        if let Err(e) = crate::history::forget_dead_owners(sw, &outcome.removed) {
+            log::warn!("the switch is done, but the connections of dead instances could not be forgotten: {e}");
+        }
         Ok(Report {
             port: self.port(),
             mappings: self.mappings,

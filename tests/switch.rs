@@ -458,3 +458,80 @@ fn a_services_check_looks_at_its_own_network_namespace() {
         Some("nft insert rule inet host input ct status dnat accept")
     );
 }
+
+#[test]
+fn a_deploy_after_a_crash_forgets_the_crashed_instances_connections() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let mut crashed = ns.hello(&[]);
+    // Three clients with fixed source ports, connected to the instance that will crash.
+    let sources: Vec<u16> = (47000..47003).collect();
+    let connect_from = |port: u16| {
+        let socket = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
+        let local = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port);
+        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &local).unwrap();
+        let public = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, 8080);
+        nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&socket), &public)
+            .map(|()| std::net::TcpStream::from(socket))
+    };
+    let open: Vec<_> = ns.enter(|| {
+        sources
+            .iter()
+            .map(|p| connect_from(*p).expect("connect"))
+            .collect()
+    });
+    // The clients reset their connections (SO_LINGER 0) and the instance crashes:
+    // conntrack keeps their entries (CLOSE, for 10 s), mapped to the dead port, and a SYN
+    // from the same client port would reopen one and follow it there.
+    for stream in open {
+        let linger = nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+    }
+    let _ = crashed.child.kill();
+    let _ = crashed.child.wait();
+    let mapped = || {
+        ns.enter(|| {
+            let mut conn = switcheroo_sys::Conn::open().unwrap();
+            conn.conntrack_to_port(Family::Ipv4, switcheroo::Protocol::Tcp, crashed.port)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.tcp_state != Some(7)) // TIME_WAIT reopens by itself
+                .count()
+        })
+    };
+    assert!(
+        mapped() > 0,
+        "the reset connections left no entry to test with"
+    );
+    let next = ns.hello(&[]);
+    assert_eq!(
+        mapped(),
+        0,
+        "the deploy did not forget the dead port's connections"
+    );
+    // The same client ports reach the new instance instead of the dead port.
+    for port in sources {
+        let mut stream = ns
+            .enter(|| connect_from(port))
+            .unwrap_or_else(|e| panic!("from port {port}: {e}"));
+        use std::io::{Read, Write};
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        assert!(body.contains(&format!("pid {}", next.pid)), "{body}");
+    }
+}

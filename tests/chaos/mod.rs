@@ -196,6 +196,10 @@ pub fn run(secs: u64, seed: u64) -> Summary {
     });
 
     let hello = example("hello");
+    // CHAOS_KINDS=0,4 restricts the steps to those kinds (to tell causes apart).
+    let only: Option<Vec<u64>> = std::env::var("CHAOS_KINDS")
+        .ok()
+        .map(|k| k.split(',').filter_map(|n| n.parse().ok()).collect());
     let until = Instant::now() + Duration::from_secs(secs);
     let failed_now =
         |loads: &[load::Load]| -> Vec<u64> { loads.iter().map(|l| l.stats.failed()).collect() };
@@ -203,7 +207,10 @@ pub fn run(secs: u64, seed: u64) -> Summary {
         summary.steps += 1;
         let before: Vec<bool> = ["lib", "wrap"].iter().map(|n| served(&ns, n)).collect();
         let failed_before = failed_now(&loads);
-        let kind = rng.below(7);
+        let kind = match &only {
+            Some(kinds) => kinds[rng.below(kinds.len() as u64) as usize],
+            None => rng.below(7),
+        };
         match kind {
             // A library deploy.
             0 | 1 => {
