@@ -1066,3 +1066,51 @@ fn a_python_udp_server_under_run_is_redeployed_under_load_without_a_lost_reply()
         "python UDP server under run: {DEPLOYS} deploys, {datagrams} datagrams (4 long-lived flows, 2 clients on new flows), every one answered; {resent} sent again after 100 ms without an answer; old wrappers forgot {forgotten} flows"
     );
 }
+
+#[test]
+fn a_rust_server_takes_a_tcp_and_a_udp_socket_from_run_by_name() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let echo = common::example("echo");
+    let mut h = run(
+        &ns,
+        &[
+            "-n",
+            "both",
+            "-p",
+            "web=8080",
+            "-p",
+            "dns=5353/udp",
+            "--range",
+            "41800-41899",
+            "--",
+            echo.to_str().unwrap(),
+            "--tag",
+            "v7",
+        ],
+    );
+    let (tcp, udp) = ns.enter(|| {
+        let mut tcp = String::new();
+        std::net::TcpStream::connect("127.0.0.1:8080")
+            .and_then(|mut s| std::io::Read::read_to_string(&mut s, &mut tcp))
+            .expect("tcp");
+        let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+        socket.connect("[::1]:5353").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        socket.send(b"q").unwrap();
+        let mut buf = [0u8; 128];
+        let n = socket.recv(&mut buf).expect("udp answer");
+        (tcp, String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    // echo names each socket by its LISTEN_FDNAMES entry.
+    assert!(
+        tcp.starts_with("v7 pid=") && tcp.trim_end().ends_with(" port=web"),
+        "{tcp}"
+    );
+    assert!(udp.starts_with("v7 pid=") && udp.ends_with(" q"), "{udp}");
+    let _ = h.terminate();
+}
