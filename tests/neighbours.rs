@@ -101,14 +101,18 @@ fn docker_and_kube_proxy_rules_survive_twenty_deploys_under_load_untouched() {
                 for chain in ["PREROUTING", "OUTPUT"] {
                     let jump =
                         "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES";
-                    let script = format!(
-                        "iptables-nft -t nat -D {chain} {jump} && iptables-nft -t nat -I {chain} {jump}"
-                    );
-                    let ok = std::process::Command::new("ip")
-                        .args(["netns", "exec", &name, "sh", "-c", &script])
-                        .status()
-                        .is_ok_and(|s| s.success());
-                    assert!(ok, "the kube-proxy-like writer failed");
+                    // Each step again until it succeeds: iptables-nft, like kube-proxy,
+                    // may meet a concurrent commit of ours and fail that once.
+                    for op in ["-D", "-I"] {
+                        let script = format!("iptables-nft -t nat {op} {chain} {jump}");
+                        let done = (0..5).any(|_| {
+                            std::process::Command::new("ip")
+                                .args(["netns", "exec", &name, "sh", "-c", &script])
+                                .status()
+                                .is_ok_and(|s| s.success())
+                        });
+                        assert!(done, "the kube-proxy-like writer failed 5 times: {script}");
+                    }
                     moves += 1;
                 }
                 std::thread::sleep(Duration::from_millis(rand::random_range(50..150)));
