@@ -18,7 +18,7 @@
 mod common;
 mod support;
 
-use common::{long_lived_flow, new_flows, FlowLog};
+use common::{FlowLog, UdpLoad};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -138,23 +138,7 @@ fn udp_run(deploys: usize, extra: &[&str]) -> (Vec<FlowLog>, Vec<FlowLog>, Durat
         start("echo", &refs)
     };
     let mut current = launch(0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let targets: [SocketAddr; 2] = [
-        "127.0.0.1:5353".parse().unwrap(),
-        "[::1]:5353".parse().unwrap(),
-    ];
-    let flows: Vec<_> = (0..4)
-        .map(|id| {
-            let stop = stop.clone();
-            std::thread::spawn(move || long_lived_flow(targets[id % 2], id, stop))
-        })
-        .collect();
-    let fresh: Vec<_> = (0..2)
-        .map(|id| {
-            let stop = stop.clone();
-            std::thread::spawn(move || new_flows(targets[id % 2], id, stop))
-        })
-        .collect();
+    let load = UdpLoad::start(5353);
     let started = Instant::now();
     let mut old: Vec<Child> = Vec::new();
     for v in 1..=deploys {
@@ -163,10 +147,8 @@ fn udp_run(deploys: usize, extra: &[&str]) -> (Vec<FlowLog>, Vec<FlowLog>, Durat
         old.retain_mut(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false));
     }
     std::thread::sleep(Duration::from_millis(2500));
-    stop.store(true, Ordering::SeqCst);
+    let (flows, fresh) = load.stop();
     let elapsed = started.elapsed();
-    let flows = flows.into_iter().map(|t| t.join().unwrap()).collect();
-    let fresh = fresh.into_iter().map(|t| t.join().unwrap()).collect();
     for mut c in old.into_iter().chain([current]) {
         let _ = c.kill();
         let _ = c.wait();

@@ -36,9 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use switcheroo::{
-    Change, Drain, FlowDrain, Port, Resignation, Shutdown, Socket, Switcheroo, Tenure, Wake,
-};
+use switcheroo::{Drain, FlowDrain, Port, Shutdown, Socket, Switcheroo, Tenure};
 
 const USAGE: &str = "usage: echo [--namespace NAME] [--port PORT[/udp]]... [--tag TEXT] [--range MIN-MAX] [--drain-max DURATION] [--probation DURATION] [--no-drain]";
 
@@ -227,7 +225,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             return Ok(());
         }
         Some((sw, mut tenure)) => {
-            let why = serve_in_place(&mut tenure, &shutdown)?;
+            let why = tenure.until_retired(&shutdown, |change| eprintln!("place {change:?}"))?;
             (sw, why)
         }
     };
@@ -305,25 +303,6 @@ fn retire(
         }
     }
     Ok(())
-}
-
-fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Result<String> {
-    loop {
-        match tenure.wait(shutdown)? {
-            Wake::Signal(signal) => {
-                return Ok(match tenure.resign()? {
-                    Resignation::Left { .. } => format!("signal {signal}, left the chain"),
-                    Resignation::AlreadyRemoved { serving, .. } => {
-                        format!("replaced, pid {} serves", serving.unwrap_or(0))
-                    }
-                })
-            }
-            Wake::Change(Change::Removed { serving, .. }) => {
-                return Ok(format!("replaced, pid {} serves", serving.unwrap_or(0)))
-            }
-            Wake::Change(other) => eprintln!("place {other:?}"),
-        }
-    }
 }
 
 /// Whether `fd` becomes readable within 50 ms.

@@ -39,7 +39,7 @@ use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use switcheroo::{Change, Drain, Resignation, Shutdown, Switcheroo, Tenure, Wake};
+use switcheroo::{Change, Drain, Shutdown, Switcheroo, Tenure};
 
 const USAGE: &str = "usage: hello [--namespace NAME] [--port PORT] [--range MIN-MAX] [--record-dir DIR] [--probation DURATION] [--canary PERCENT] [--hold-ms N] [--no-drain]";
 
@@ -264,55 +264,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Serves (the acceptor runs) while following this instance's place in the chain, until it
-/// must retire; returns why.
+/// must retire; returns why. Stopped by an operator while in the chain, it leaves the
+/// chain first, so that an instance below takes new connections at once.
 fn serve_in_place(tenure: &mut Tenure, shutdown: &Shutdown) -> switcheroo::Result<String> {
-    loop {
-        match tenure.wait(shutdown)? {
-            Wake::Signal(signal) => {
-                // Stopped by an operator while in the chain: leave it first, so that an
-                // instance below takes new connections at once. Replaced or rolled back,
-                // the rules are gone already, and resign says by what.
-                return Ok(match tenure.resign()? {
-                    Resignation::Left { .. } => format!("signal {signal}, left the chain"),
-                    Resignation::AlreadyRemoved {
-                        rolled_back,
-                        serving,
-                    } => retired_because(Change::Removed {
-                        rolled_back,
-                        serving,
-                    }),
-                });
-            }
-            Wake::Change(removed @ Change::Removed { .. }) => return Ok(retired_because(removed)),
-            Wake::Change(Change::Active { after }) => {
-                eprintln!("place active after={}", after.unwrap_or(0))
-            }
-            Wake::Change(Change::Below { role, above }) => {
-                eprintln!("place below pid={above} role={role}")
-            }
-            Wake::Change(Change::Promoted) => eprintln!("place promoted"),
-            Wake::Change(Change::ProbationPassed { retired }) => {
-                eprintln!("probation passed retired={retired:?}")
-            }
-        }
-    }
-}
-
-/// Why an instance whose rules are gone retires.
-fn retired_because(change: Change) -> String {
-    let Change::Removed {
-        rolled_back,
-        serving,
-    } = change
-    else {
-        return format!("{change:?}");
-    };
-    let serving = serving.map_or("nobody".to_owned(), |p| format!("pid {p}"));
-    if rolled_back {
-        format!("rolled back, {serving} serves")
-    } else {
-        format!("replaced, {serving} serves")
-    }
+    let retired = tenure.until_retired(shutdown, |change| match change {
+        Change::Active { after } => eprintln!("place active after={}", after.unwrap_or(0)),
+        Change::Below { role, above } => eprintln!("place below pid={above} role={role}"),
+        Change::Promoted => eprintln!("place promoted"),
+        Change::ProbationPassed { retired } => eprintln!("probation passed retired={retired:?}"),
+        Change::Removed { .. } => {}
+    })?;
+    Ok(retired.to_string())
 }
 
 /// Makes one connection to our own internal port, so that the acceptor, blocked in

@@ -24,7 +24,7 @@
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switcheroo::{Change, Resignation, Shutdown, Socket, Switcheroo, Tenure, Wake};
+use switcheroo::{Shutdown, Socket, Switcheroo, Tenure};
 
 const USAGE: &str = "usage: quic --cert FILE --key FILE [--namespace NAME] [--port PORT] [--tag TEXT] [--range MIN-MAX] [--drain-max DURATION]";
 
@@ -157,7 +157,10 @@ async fn run(shutdown: Shutdown) -> Result<(), Box<dyn std::error::Error>> {
     println!("ready pid={pid} port={port}");
 
     // The tenure blocks; it runs on a thread of its own.
-    let why = tokio::task::spawn_blocking(move || follow(&mut tenure, &shutdown)).await??;
+    let why = tokio::task::spawn_blocking(move || {
+        tenure.until_retired(&shutdown, |change| eprintln!("place {change:?}"))
+    })
+    .await??;
     eprintln!("retiring ({why}): waiting for the connections to close");
     let started = Instant::now();
     while endpoint.open_connections() > 0 && started.elapsed() < args.drain_max {
@@ -187,25 +190,5 @@ async fn serve(conn: quinn::Connection, prefix: Arc<[u8]>) {
             let _ = send.write_all(&data).await;
             let _ = send.finish();
         });
-    }
-}
-
-/// Follows this instance's place until it must retire; returns why.
-fn follow(tenure: &mut Tenure, shutdown: &Shutdown) -> Result<String, switcheroo::Error> {
-    loop {
-        match tenure.wait(shutdown)? {
-            Wake::Signal(signal) => {
-                return Ok(match tenure.resign()? {
-                    Resignation::Left { .. } => format!("signal {signal}, left the chain"),
-                    Resignation::AlreadyRemoved { serving, .. } => {
-                        format!("replaced, pid {} serves", serving.unwrap_or(0))
-                    }
-                })
-            }
-            Wake::Change(Change::Removed { serving, .. }) => {
-                return Ok(format!("replaced, pid {} serves", serving.unwrap_or(0)))
-            }
-            Wake::Change(other) => eprintln!("place {other:?}"),
-        }
     }
 }

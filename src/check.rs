@@ -526,12 +526,7 @@ fn fix_for(chain: &ChainInfo, chains: &[ChainInfo]) -> (String, String) {
     let ufw = chains
         .iter()
         .any(|c| c.family == chain.family && c.table == chain.table && c.name.starts_with("ufw"));
-    let family = match chain.family as i32 {
-        nix::libc::NFPROTO_IPV4 => "ip",
-        nix::libc::NFPROTO_IPV6 => "ip6",
-        nix::libc::NFPROTO_INET => "inet",
-        _ => "?",
-    };
+    let family = family_name(chain.family);
     let nft = format!(
         "nft insert rule {family} {} {} ct status dnat accept",
         chain.table, chain.name
@@ -593,21 +588,21 @@ fn firewall(conn: &mut Conn, target: &Target) -> Result<Vec<Finding>> {
     bases.sort_by_key(|c| (c.family, c.hook.map(|h| h.1)));
     let mut findings = Vec::new();
     let public: Vec<String> = target.ports.iter().map(Port::to_string).collect();
+    let protocols: Vec<Protocol> = {
+        let mut p: Vec<Protocol> = target.ports.iter().map(|p| p.protocol).collect();
+        p.sort();
+        p.dedup();
+        if p.is_empty() {
+            vec![Protocol::Tcp]
+        } else {
+            p
+        }
+    };
     for base in &bases {
         let families: Vec<u8> = if base.family == nix::libc::NFPROTO_INET as u8 {
             vec![nix::libc::NFPROTO_IPV4 as u8, nix::libc::NFPROTO_IPV6 as u8]
         } else {
             vec![base.family]
-        };
-        let protocols: Vec<Protocol> = {
-            let mut p: Vec<Protocol> = target.ports.iter().map(|p| p.protocol).collect();
-            p.sort();
-            p.dedup();
-            if p.is_empty() {
-                vec![Protocol::Tcp]
-            } else {
-                p
-            }
         };
         let mut worst: Option<(Level, String)> = None;
         'walk: for family in families {
@@ -874,37 +869,27 @@ mod tests {
         assert_eq!(o, Outcome::Fallthrough, "8080 is not what the chain sees");
         let (o, _) = walk(&[rule(1, dport(40400))], 0);
         assert_eq!(o, Outcome::Accept);
-        let dnat = vec![
-            Expr::Ct { key: 2, dreg: 1 },
-            Expr::Bitwise {
-                sreg: 1,
-                dreg: 1,
-                mask: 0x20u32.to_ne_bytes().to_vec(),
-                xor: vec![0; 4],
-            },
-            Expr::Cmp {
-                sreg: 1,
-                op: 1,
-                data: vec![0; 4],
-            },
-            Expr::Verdict(Verdict::Accept),
-        ];
+        // `ct <key> & mask != 0 accept`, as nft encodes `ct status dnat accept` and
+        // `ct state established,related accept`.
+        let ct_bits = |key: u32, mask: u32| {
+            vec![
+                Expr::Ct { key, dreg: 1 },
+                Expr::Bitwise {
+                    sreg: 1,
+                    dreg: 1,
+                    mask: mask.to_ne_bytes().to_vec(),
+                    xor: vec![0; 4],
+                },
+                Expr::Cmp {
+                    sreg: 1,
+                    op: 1,
+                    data: vec![0; 4],
+                },
+                Expr::Verdict(Verdict::Accept),
+            ]
+        };
+        let (dnat, established) = (ct_bits(2, 0x20), ct_bits(0, 6));
         assert_eq!(walk(&[rule(2, dnat)], 0).0, Outcome::Accept);
-        let established = vec![
-            Expr::Ct { key: 0, dreg: 1 },
-            Expr::Bitwise {
-                sreg: 1,
-                dreg: 1,
-                mask: 6u32.to_ne_bytes().to_vec(),
-                xor: vec![0; 4],
-            },
-            Expr::Cmp {
-                sreg: 1,
-                op: 1,
-                data: vec![0; 4],
-            },
-            Expr::Verdict(Verdict::Accept),
-        ];
         assert_eq!(walk(&[rule(3, established)], 0).0, Outcome::Fallthrough);
     }
 

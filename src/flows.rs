@@ -253,16 +253,13 @@ impl Flows {
     }
 
     /// Deletes the entries read, the most recently active first and all in one go (one
-    /// `sendmsg` per 64), then any that appeared since (a second, filtered dump), and
-    /// returns how many were deleted.
+    /// `sendmsg` per 64), and returns how many were deleted (the others had expired).
+    /// No entry for the port appears after the read once the instance's rules are gone:
+    /// conntrack maps a new flow by the rules, which lead elsewhere.
     pub fn forget(self) -> Result<usize> {
         let Flows { sw, port, entries } = self;
         sw.with_conn(|conn, _| {
-            let mut forgotten = conn.delete_conntrack_all(&entries)?;
-            for family in Family::ALL {
-                let since = conn.conntrack_to_port(family, Protocol::Udp, port)?;
-                forgotten += conn.delete_conntrack_all(&since)?;
-            }
+            let forgotten = conn.delete_conntrack_all(&entries)?;
             if forgotten > 0 {
                 log::debug!(
                     "namespace {}: forgot {forgotten} UDP flows of port {port}",

@@ -91,4 +91,4 @@ pub use shutdown::Shutdown;
 pub use switcheroo::{all_rules, cleanup, Builder, Switcheroo, DEFAULT_PORT_RANGE};
 pub use switcheroo_sys::{Chain, Family, Handle, Protocol};
 pub use takeover::{Report, Takeover};
-pub use tenure::{Change, Resignation, Tenure, Wake};
+pub use tenure::{Change, Resignation, Retired, Tenure, Wake};

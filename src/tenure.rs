@@ -86,6 +86,47 @@ pub enum Resignation {
     },
 }
 
+/// Why an instance must retire, as [`Tenure::until_retired`] reports it. `Display`
+/// gives `signal 15, left the chain`, `replaced, pid 123 serves`, `rolled back, pid 99
+/// serves` (or `nobody serves`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retired {
+    /// SIGTERM or SIGINT (its number) arrived while its rules were in the chain; they are
+    /// deleted now, so an instance below takes new connections at once.
+    Signal(i32),
+    /// Its rules are gone: replaced, or rolled back (`rolled_back`); `serving` gets new
+    /// connections now. Also what a signal finds when a deployer or a rollback deleted the
+    /// rules first.
+    Removed {
+        /// Whether the instance that serves now is older than this one.
+        rolled_back: bool,
+        /// Its pid.
+        serving: Option<u32>,
+    },
+}
+
+impl std::fmt::Display for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Retired::Signal(signal) => write!(f, "signal {signal}, left the chain"),
+            Retired::Removed {
+                rolled_back,
+                serving,
+            } => {
+                let how = if *rolled_back {
+                    "rolled back"
+                } else {
+                    "replaced"
+                };
+                match serving {
+                    Some(pid) => write!(f, "{how}, pid {pid} serves"),
+                    None => write!(f, "{how}, nobody serves"),
+                }
+            }
+        }
+    }
+}
+
 /// What [`Tenure::wait`] woke up for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wake {
@@ -283,6 +324,44 @@ impl Tenure {
                 .collect();
             // EINTR or a spurious wake-up: look again.
             let _ = poll(&mut fds, timeout);
+        }
+    }
+
+    /// Follows this instance's place until it must retire, and says why: its rules are
+    /// gone ([`Change::Removed`]), or SIGTERM/SIGINT arrived on `shutdown`, in which case
+    /// it [resigns](Tenure::resign) first. Every other change (standby, active again,
+    /// promoted, probation passed) is handed to `on_change`; the tenure has acted on it
+    /// already. What a blocking server does between its commit and its drain.
+    pub fn until_retired(
+        &mut self,
+        shutdown: &Shutdown,
+        mut on_change: impl FnMut(&Change),
+    ) -> Result<Retired> {
+        loop {
+            match self.wait(shutdown)? {
+                Wake::Signal(signal) => {
+                    return Ok(match self.resign()? {
+                        Resignation::Left { .. } => Retired::Signal(signal),
+                        Resignation::AlreadyRemoved {
+                            rolled_back,
+                            serving,
+                        } => Retired::Removed {
+                            rolled_back,
+                            serving,
+                        },
+                    })
+                }
+                Wake::Change(Change::Removed {
+                    rolled_back,
+                    serving,
+                }) => {
+                    return Ok(Retired::Removed {
+                        rolled_back,
+                        serving,
+                    })
+                }
+                Wake::Change(other) => on_change(&other),
+            }
         }
     }
 

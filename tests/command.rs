@@ -5,13 +5,9 @@ mod common;
 #[path = "load/mod.rs"]
 mod load;
 
-use common::{
-    get, long_lived_flow, new_flows, pid_of, require_root, FlowLog, Hello, Netns, TempPath,
-};
+use common::{get, pid_of, require_root, Hello, Netns, TempPath, UdpLoad};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
@@ -992,30 +988,15 @@ fn a_python_udp_server_under_run_is_redeployed_under_load_without_a_lost_reply()
         "{table}"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
     let (flows, fresh, old) = ns.enter(|| {
-        let targets: [std::net::SocketAddr; 2] = [addr("127.0.0.1:5353"), addr("[::1]:5353")];
-        let flows: Vec<_> = (0..4)
-            .map(|id| {
-                let stop = stop.clone();
-                std::thread::spawn(move || long_lived_flow(targets[id % 2], id, stop))
-            })
-            .collect();
-        let fresh: Vec<_> = (0..2)
-            .map(|id| {
-                let stop = stop.clone();
-                std::thread::spawn(move || new_flows(targets[id % 2], id, stop))
-            })
-            .collect();
+        let load = UdpLoad::start(5353);
         let mut old = Vec::new();
         for v in 1..=DEPLOYS {
             std::thread::sleep(Duration::from_millis(400));
             old.push(std::mem::replace(&mut current, start(v)));
         }
         std::thread::sleep(Duration::from_millis(2500));
-        stop.store(true, Ordering::SeqCst);
-        let flows: Vec<FlowLog> = flows.into_iter().map(|t| t.join().unwrap()).collect();
-        let fresh: Vec<FlowLog> = fresh.into_iter().map(|t| t.join().unwrap()).collect();
+        let (flows, fresh) = load.stop();
         (flows, fresh, old)
     });
     let mut forgotten = 0;

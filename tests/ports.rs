@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{long_lived_flow, new_flows, require_root, version, FlowLog, Hello, Netns};
+use common::{require_root, version, Hello, Netns, UdpLoad};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,26 +135,8 @@ fn udp_flows_stay_with_their_instance_until_it_retires_and_every_datagram_is_ans
     };
     let mut current = start(0);
     let first_rules = ns.save(false);
-    let stop = Arc::new(AtomicBool::new(false));
     let (flows, fresh, ready, old) = ns.enter(|| {
-        let targets: [SocketAddr; 2] = [
-            "127.0.0.1:5353".parse().unwrap(),
-            "[::1]:5353".parse().unwrap(),
-        ];
-        let flows: Vec<_> = (0..4)
-            .map(|id| {
-                let stop = stop.clone();
-                let target = targets[id % 2];
-                std::thread::spawn(move || long_lived_flow(target, id, stop))
-            })
-            .collect();
-        let fresh: Vec<_> = (0..2)
-            .map(|id| {
-                let stop = stop.clone();
-                let target = targets[id % 2];
-                std::thread::spawn(move || new_flows(target, id, stop))
-            })
-            .collect();
+        let load = UdpLoad::start(5353);
         let mut ready = vec![Instant::now()];
         let mut old = Vec::new();
         for v in 1..=DEPLOYS {
@@ -164,9 +146,7 @@ fn udp_flows_stay_with_their_instance_until_it_retires_and_every_datagram_is_ans
         }
         // Long enough for the last old instance to retire and its flows to move on.
         std::thread::sleep(Duration::from_millis(2500));
-        stop.store(true, Ordering::SeqCst);
-        let flows: Vec<FlowLog> = flows.into_iter().map(|t| t.join().unwrap()).collect();
-        let fresh: Vec<FlowLog> = fresh.into_iter().map(|t| t.join().unwrap()).collect();
+        let (flows, fresh) = load.stop();
         (flows, fresh, ready, old)
     });
     let logs = all_exit_cleanly(old);

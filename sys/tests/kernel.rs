@@ -201,31 +201,35 @@ fn a_child_process_does_not_inherit_the_netlink_socket() {
     drop(conn);
 }
 
+/// Brings up the loopback of the namespace at `path` and inserts `rule` at the head of a
+/// fresh ip nat OUTPUT; returns the socket and what the kernel echoed.
+fn loopback_with_output_rule(path: &str, rule: Redirect) -> (Conn, switcheroo_sys::Applied) {
+    let up = Command::new("nsenter")
+        .arg(format!("--net={path}"))
+        .args(["ip", "link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    let mut conn = Conn::open().unwrap();
+    let mut b = Batch::new(None);
+    b.push(Op::AddTable(Family::Ipv4));
+    b.push(Op::AddChain(Family::Ipv4, Chain::Output));
+    b.insert_rule(Family::Ipv4, Chain::Output, rule);
+    let applied = conn.apply(&b).unwrap();
+    (conn, applied)
+}
+
 #[test]
 fn conntrack_entries_redirected_to_a_port_are_listed_and_deleted_one_by_one() {
     if !privileged() {
         return;
     }
     in_new_netns(|path| {
-        let up = Command::new("nsenter")
-            .arg(format!("--net={path}"))
-            .args(["ip", "link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
-        let mut conn = Conn::open().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut b = Batch::new(None);
-        b.push(Op::AddTable(Family::Ipv4));
-        b.push(Op::AddChain(Family::Ipv4, Chain::Output));
         let comment = format!("SWITCHEROO:ns=t:port={port}:pid=1:start=1");
-        b.insert_rule(
-            Family::Ipv4,
-            Chain::Output,
-            Redirect::new(8080, port, &comment).unwrap(),
-        );
-        conn.apply(&b).unwrap();
+        let rule = Redirect::new(8080, port, &comment).unwrap();
+        let (mut conn, _) = loopback_with_output_rule(path, rule);
         // Three connections to 8080, redirected to the listener.
         let clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect("127.0.0.1:8080").unwrap())
@@ -261,24 +265,13 @@ fn a_udp_redirect_answers_from_the_public_port_and_its_flow_is_tracked_and_forgo
         return;
     }
     in_new_netns(|path| {
-        let up = Command::new("nsenter")
-            .arg(format!("--net={path}"))
-            .args(["ip", "link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
-        let mut conn = Conn::open().unwrap();
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = server.local_addr().unwrap().port();
-        let mut b = Batch::new(None);
-        b.push(Op::AddTable(Family::Ipv4));
-        b.push(Op::AddChain(Family::Ipv4, Chain::Output));
         let comment = format!("SWITCHEROO:ns=t:port={port}:pid=1:start=1");
         let rule = Redirect::new(5353, port, &comment)
             .unwrap()
             .with_protocol(Protocol::Udp);
-        b.insert_rule(Family::Ipv4, Chain::Output, rule.clone());
-        let applied = conn.apply(&b).unwrap();
+        let (mut conn, applied) = loopback_with_output_rule(path, rule.clone());
         assert_eq!(applied.inserted[0].redirect.as_ref(), Some(&rule));
 
         // A client "connected" to the public port gets the answer from it: the reply was

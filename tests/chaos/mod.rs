@@ -114,16 +114,30 @@ fn kill9(pid: u32) {
     );
 }
 
+/// `hello`'s arguments for the library service.
+const LIB: [&str; 6] = [
+    "--namespace",
+    "lib",
+    "--port",
+    "8080",
+    "--range",
+    "41000-41099",
+];
+/// `switcheroo`'s arguments for the wrapped service, up to the server.
+const WRAP: [&str; 8] = [
+    "run",
+    "-n",
+    "wrap",
+    "-p",
+    "8081",
+    "--range",
+    "41100-41199",
+    "--",
+];
+
 /// A library deploy.
 fn deploy_lib(ns: &Netns) -> Hello {
-    ns.hello(&[
-        "--namespace",
-        "lib",
-        "--port",
-        "8080",
-        "--range",
-        "41000-41099",
-    ])
+    ns.hello(&LIB)
 }
 
 /// A deploy under `switcheroo run`; returns the wrapper and its server's pid.
@@ -132,16 +146,7 @@ fn deploy_wrapped(ns: &Netns) -> (Hello, u32) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .arg(bin())
-        .args([
-            "run",
-            "-n",
-            "wrap",
-            "-p",
-            "8081",
-            "--range",
-            "41100-41199",
-            "--",
-        ])
+        .args(WRAP)
         .arg(&hello);
     // hello under activation prints `ready pid=<its pid> port=<fd 3's port>`.
     let mut h = Hello::start(cmd);
@@ -220,18 +225,7 @@ pub fn run(secs: u64, seed: u64) -> Summary {
             // A library deployer SIGKILLed at a random moment of its start or commit.
             2 => {
                 summary.deploys += 1;
-                let mut child = spawn(
-                    &ns,
-                    &hello,
-                    &[
-                        "--namespace",
-                        "lib",
-                        "--port",
-                        "8080",
-                        "--range",
-                        "41000-41099",
-                    ],
-                );
+                let mut child = spawn(&ns, &hello, &LIB);
                 std::thread::sleep(Duration::from_micros(rng.below(30_000)));
                 kill9(child.id());
                 let _ = child.wait();
@@ -253,21 +247,8 @@ pub fn run(secs: u64, seed: u64) -> Summary {
                 if rng.below(2) == 0 {
                     retired.extend(wrapped.replace(deploy_wrapped(&ns)).map(|(h, _)| h));
                 } else {
-                    let mut child = spawn(
-                        &ns,
-                        &bin(),
-                        &[
-                            "run",
-                            "-n",
-                            "wrap",
-                            "-p",
-                            "8081",
-                            "--range",
-                            "41100-41199",
-                            "--",
-                            hello.to_str().unwrap(),
-                        ],
-                    );
+                    let args = [&WRAP[..], &[hello.to_str().unwrap()]].concat();
+                    let mut child = spawn(&ns, &bin(), &args);
                     std::thread::sleep(Duration::from_micros(rng.below(60_000)));
                     kill9(child.id());
                     let _ = child.wait();

@@ -746,3 +746,44 @@ pub fn new_flows(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLo
     }
     log
 }
+
+/// UDP clients on `port` of 127.0.0.1 and ::1: 4 on long-lived flows ([`long_lived_flow`])
+/// and 2 on new flows ([`new_flows`]), alternating the two addresses. Start it from a
+/// thread inside the server's network namespace.
+pub struct UdpLoad {
+    stop: Arc<AtomicBool>,
+    flows: Vec<std::thread::JoinHandle<FlowLog>>,
+    fresh: Vec<std::thread::JoinHandle<FlowLog>>,
+}
+
+impl UdpLoad {
+    pub fn start(port: u16) -> UdpLoad {
+        let targets: [SocketAddr; 2] = [
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawn = |n: usize, client: fn(SocketAddr, usize, Arc<AtomicBool>) -> FlowLog| {
+            (0..n)
+                .map(|id| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || client(targets[id % 2], id, stop))
+                })
+                .collect()
+        };
+        UdpLoad {
+            flows: spawn(4, long_lived_flow),
+            fresh: spawn(2, new_flows),
+            stop,
+        }
+    }
+
+    /// Stops the clients; what the long-lived flows and the new-flow clients saw.
+    pub fn stop(self) -> (Vec<FlowLog>, Vec<FlowLog>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let join = |v: Vec<std::thread::JoinHandle<FlowLog>>| -> Vec<FlowLog> {
+            v.into_iter().map(|t| t.join().unwrap()).collect()
+        };
+        (join(self.flows), join(self.fresh))
+    }
+}

@@ -982,12 +982,21 @@ impl Wrapper {
                 (i, tracker)
             })
             .collect();
+        // TCP queues are sampled every few milliseconds; UDP flows (a conntrack dump
+        // each) every few hundred.
+        let (mut tcp_every, mut udp_every) = (Duration::MAX, Duration::MAX);
+        for (_, tracker) in &trackers {
+            match tracker {
+                Tracker::Tcp(t) => tcp_every = t.interval(),
+                Tracker::Udp(t) => udp_every = t.interval(),
+            }
+        }
         let mut next_udp = Instant::now();
         loop {
             let now = Instant::now();
             let udp_due = now >= next_udp;
             if udp_due {
-                next_udp = now + udp.tracker(&self.sw, 0).interval();
+                next_udp = now + udp_every;
             }
             trackers.retain_mut(|(i, tracker)| {
                 let held = &self.ports[*i];
@@ -1011,7 +1020,7 @@ impl Wrapper {
             }
             match self
                 .events
-                .next(Some(Instant::now() + tcp.tracker().interval()), None)
+                .next(Some(Instant::now() + tcp_every.min(udp_every)), None)
             {
                 Event::ChildExited(status) => {
                     info!("{} {} during the drain", self.name, describe_status(status));
