@@ -984,19 +984,22 @@ impl Wrapper {
             .collect();
         // TCP queues are sampled every few milliseconds; UDP flows (a conntrack dump
         // each) every few hundred.
-        let (mut tcp_every, mut udp_every) = (Duration::MAX, Duration::MAX);
-        for (_, tracker) in &trackers {
-            match tracker {
-                Tracker::Tcp(t) => tcp_every = t.interval(),
-                Tracker::Udp(t) => udp_every = t.interval(),
-            }
-        }
+        let every = |udp: bool| {
+            trackers.iter().find_map(|(_, tracker)| match tracker {
+                Tracker::Tcp(t) if !udp => Some(t.interval()),
+                Tracker::Udp(t) if udp => Some(t.interval()),
+                _ => None,
+            })
+        };
+        let (tcp_every, udp_every) = (every(false), every(true));
+        let wake = tcp_every.into_iter().chain(udp_every).min();
+        let wake = wake.expect("a service has at least one port");
         let mut next_udp = Instant::now();
         loop {
             let now = Instant::now();
             let udp_due = now >= next_udp;
-            if udp_due {
-                next_udp = now + udp_every;
+            if let (true, Some(every)) = (udp_due, udp_every) {
+                next_udp = now + every;
             }
             trackers.retain_mut(|(i, tracker)| {
                 let held = &self.ports[*i];
@@ -1018,10 +1021,7 @@ impl Wrapper {
             if trackers.is_empty() {
                 break;
             }
-            match self
-                .events
-                .next(Some(Instant::now() + tcp_every.min(udp_every)), None)
-            {
+            match self.events.next(Some(Instant::now() + wake), None) {
                 Event::ChildExited(status) => {
                     info!("{} {} during the drain", self.name, describe_status(status));
                     self.let_go();
