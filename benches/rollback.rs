@@ -21,7 +21,7 @@ use support::{arg, hello_path};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use switcheroo_sys::monitor::{Event, Monitor};
+use switcheroo_sys::monitor::{Monitor, Notification};
 
 /// The window after a crash in which failed connections are counted.
 const WINDOW: Duration = Duration::from_secs(1);
@@ -57,7 +57,7 @@ fn deleted(monitor: &mut Monitor, pid: u32) -> Option<Instant> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match monitor.next(Some(Duration::from_millis(100))) {
-            Ok(Some(Event::DelRule(entry)))
+            Ok(Some(Notification::DelRule(entry)))
                 if entry
                     .redirect
                     .as_ref()

@@ -204,7 +204,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 report.attempts,
                 report.lock_wait.as_micros(),
                 report.role,
-                report.kept.iter().filter_map(|r| r.pid).collect::<std::collections::BTreeSet<_>>(),
+                report.kept.iter().map(|r| r.pid).collect::<std::collections::BTreeSet<_>>(),
                 report.removed.len(),
                 report.signalled
             );

@@ -3,7 +3,7 @@
 //! handed to tokio with `TcpListener::from_std`, and the drain is polled from a task with
 //! [`switcheroo::DrainTracker`]. Its place in the chain (probation, canary, rollback) is
 //! followed with [`switcheroo::Tenure`]'s pollable form (its file descriptors, its
-//! deadline, `check`) on a thread of the example's own, which sends the changes to the
+//! deadline, `poll_change`) on a thread of the example's own, which sends the changes to the
 //! async task over a channel.
 //!
 //! `hello_async [--namespace NAME] [--port PORT] [--range MIN-MAX] [--probation DURATION]
@@ -95,7 +95,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("ready pid={} port={}", me.pid, me.port);
 
     // The tenure is followed on a thread of its own with its pollable form (its fds, its
-    // deadline, `check`), plus a socket that wakes the thread when this task is done.
+    // deadline, `poll_change`), plus a socket that wakes the thread when this task is done.
     let (wake, woken) = UnixStream::pair()?;
     let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let follower = std::thread::spawn(move || follow(tenure, woken, changes_tx));
@@ -127,7 +127,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Keep accepting (axum still serves) until the accept queue has been idle.
     let mut drain = Drain::new().tracker();
     let drained = loop {
-        if let Some(report) = drain.check(&watch)? {
+        if let Some(report) = drain.poll_drain(&watch)? {
             break report;
         }
         tokio::time::sleep(drain.interval()).await;
@@ -157,7 +157,7 @@ fn follow(
     changes: tokio::sync::mpsc::UnboundedSender<Change>,
 ) -> switcheroo::Result<Tenure> {
     loop {
-        while let Some(change) = tenure.check()? {
+        while let Some(change) = tenure.poll_change()? {
             let _ = changes.send(change);
         }
         let timeout = match tenure.deadline() {

@@ -43,12 +43,13 @@ impl fmt::Display for Level {
     }
 }
 
-/// One finding of [`check`].
+/// One finding of [`diagnose`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     /// How much it matters.
     pub level: Level,
-    /// What was looked at: `kernel`, `ipv6`, `firewall`, `ports`, `conntrack`.
+    /// What was looked at: `kernel`, `ipv6`, `firewall`, `public` (who else is on the
+    /// public ports), `ports` (the internal range), `conntrack`.
     pub topic: &'static str,
     /// What was found.
     pub what: String,
@@ -62,34 +63,101 @@ pub struct Finding {
 /// What the host is checked for.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The service namespace that is to deploy (`None`: a port served by any namespace is
+    /// reported, as information).
+    pub namespace: Option<String>,
     /// The public ports (their protocols matter to the firewall walk).
     pub ports: Vec<Port>,
     /// The internal range.
     pub range: RangeInclusive<u16>,
 }
 
-/// Checks the calling thread's network namespace for `target`; see the module docs.
-/// Needs CAP_NET_ADMIN (it reads the ruleset).
-pub fn check(target: &Target) -> Result<Vec<Finding>> {
+/// Diagnoses the calling thread's network namespace for `target`; see the module docs.
+/// Changes nothing. Needs CAP_NET_ADMIN (it reads the ruleset).
+pub fn diagnose(target: &Target) -> Result<Vec<Finding>> {
     let mut conn = Conn::open()?;
     let mut findings = vec![kernel(&mut conn)?];
     findings.push(ipv6());
     findings.extend(firewall(&mut conn, target)?);
+    findings.extend(public_ports(&mut conn, target)?);
     findings.extend(local_ports(&target.range));
     findings.extend(conntrack());
     Ok(findings)
 }
 
-impl crate::Switcheroo {
-    /// [`check`] for this service (its ports and internal range) in its network
-    /// namespace.
-    pub fn check(&self) -> Result<Vec<Finding>> {
-        let target = Target {
-            ports: self.ports().to_vec(),
-            range: self.port_range(),
-        };
-        self.in_netns(|| check(&target))?
+/// Who else is on the public ports: a live instance of another switcheroo namespace (the
+/// deploy would be refused), or a process listening on the public port itself (the
+/// redirect would take its new connections, silently).
+fn public_ports(conn: &mut Conn, target: &Target) -> Result<Vec<Finding>> {
+    let rules = crate::transact::read(conn, crate::transact::MAX_ATTEMPTS)?.rules;
+    let mut findings = Vec::new();
+    for port in &target.ports {
+        let mut holders: Vec<(&str, u32, Vec<String>)> = Vec::new();
+        for rule in rules.iter().filter(|r| r.alive && r.public() == *port) {
+            if target.namespace.as_deref() == Some(rule.namespace.as_str()) {
+                continue;
+            }
+            let place = format!("{} {}", rule.family, rule.chain);
+            match holders
+                .iter_mut()
+                .find(|(ns, pid, _)| (*ns, *pid) == (rule.namespace.as_str(), rule.pid))
+            {
+                Some((_, _, places)) => places.push(place),
+                None => holders.push((&rule.namespace, rule.pid, vec![place])),
+            }
+        }
+        for (namespace, pid, places) in holders {
+            findings.push(match &target.namespace {
+                Some(wanted) => Finding {
+                    level: Level::Blocker,
+                    topic: "public",
+                    what: format!(
+                        "public port {port} is served by pid {pid} of namespace {namespace:?} ({}): a deploy of namespace {wanted:?} is refused, so that it cannot take that service's connections",
+                        places.join(", ")
+                    ),
+                    fix: Some(format!(
+                        "deploy that service with its own namespace (switcheroo run -n {namespace} ...), or move it to {wanted:?} in one transaction: switcheroo run -n {wanted} --move-from {namespace} ..."
+                    )),
+                    keep: None,
+                },
+                None => Finding {
+                    level: Level::Info,
+                    topic: "public",
+                    what: format!(
+                        "public port {port} is served by pid {pid} of namespace {namespace:?} ({})",
+                        places.join(", ")
+                    ),
+                    fix: None,
+                    keep: None,
+                },
+            });
+        }
+        match crate::sockets::listening_on(port.protocol, port.number) {
+            Ok(listeners) => {
+                for holder in listeners {
+                    let what = match port.protocol {
+                        Protocol::Tcp => "listens on",
+                        Protocol::Udp => "is bound to",
+                    };
+                    findings.push(Finding {
+                        level: Level::Warning,
+                        topic: "public",
+                        what: format!(
+                            "pid {} ({}) {what} public port {port} itself: once switcheroo redirects the port, new connections from the network and this host go to the redirect's instance, never to it (its established connections stay)",
+                            holder.pid, holder.program
+                        ),
+                        fix: Some(format!(
+                            "stop pid {} before the first deploy, or run that server under switcheroo run (it then listens on an internal port)",
+                            holder.pid
+                        )),
+                        keep: Some("disable the service that starts it on this port".into()),
+                    });
+                }
+            }
+            Err(e) => log::debug!("cannot read the sockets of port {port}: {e}"),
+        }
     }
+    Ok(findings)
 }
 
 /// The blockers among `findings`, for a log line.
@@ -180,7 +248,7 @@ enum Truth {
 
 /// How a chain's walk ends.
 #[derive(Debug, Clone, PartialEq)]
-enum Outcome {
+enum Fate {
     Accept,
     /// Dropped, and by what (a rule or the policy).
     Drop(String),
@@ -208,11 +276,11 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn chain(&mut self, base: &ChainInfo, name: &str, depth: u32) -> Outcome {
+    fn chain(&mut self, base: &ChainInfo, name: &str, depth: u32) -> Fate {
         if depth > 16 {
             self.undecided
                 .push(format!("{} {name}: jumps nest too deep", base.table));
-            return Outcome::Fallthrough;
+            return Fate::Fallthrough;
         }
         let rules: Vec<&AnyRule> = self
             .rules
@@ -234,11 +302,11 @@ impl Walk<'_> {
             }
             match verdict {
                 None | Some(Verdict::Continue) => {}
-                Some(Verdict::Accept) => return Outcome::Accept,
-                Some(Verdict::Drop) => return Outcome::Drop(where_),
-                Some(Verdict::Return) => return Outcome::Fallthrough,
+                Some(Verdict::Accept) => return Fate::Accept,
+                Some(Verdict::Drop) => return Fate::Drop(where_),
+                Some(Verdict::Return) => return Fate::Fallthrough,
                 Some(Verdict::Jump(target)) => match self.chain(base, &target, depth + 1) {
-                    Outcome::Fallthrough => {}
+                    Fate::Fallthrough => {}
                     other => return other,
                 },
                 Some(Verdict::Goto(target)) => return self.chain(base, &target, depth + 1),
@@ -247,7 +315,7 @@ impl Walk<'_> {
                 }
             }
         }
-        Outcome::Fallthrough
+        Fate::Fallthrough
     }
 
     /// Whether the set `set` of `rule`'s table holds `value`.
@@ -620,13 +688,13 @@ fn firewall(conn: &mut Conn, target: &Target) -> Result<Vec<Finding>> {
                         undecided: Vec::new(),
                     };
                     let outcome = match walk.chain(base, &base.name, 0) {
-                        Outcome::Fallthrough if base.policy == Some(0) => {
-                            Outcome::Drop("the chain's policy drop".into())
+                        Fate::Fallthrough if base.policy == Some(0) => {
+                            Fate::Drop("the chain's policy drop".into())
                         }
-                        Outcome::Fallthrough => Outcome::Accept,
+                        Fate::Fallthrough => Fate::Accept,
                         other => other,
                     };
-                    if let Outcome::Drop(by) = outcome {
+                    if let Fate::Drop(by) = outcome {
                         let (level, note) = if walk.undecided.is_empty() {
                             (Level::Blocker, String::new())
                         } else {
@@ -827,7 +895,7 @@ mod tests {
         }
     }
 
-    fn walk(rules: &[AnyRule], policy: u32) -> (Outcome, Vec<String>) {
+    fn walk(rules: &[AnyRule], policy: u32) -> (Fate, Vec<String>) {
         let chains = [base(policy)];
         let p = packet();
         let sets = Vec::new();
@@ -866,9 +934,9 @@ mod tests {
             ]
         };
         let (o, _) = walk(&[rule(1, dport(8080))], 0);
-        assert_eq!(o, Outcome::Fallthrough, "8080 is not what the chain sees");
+        assert_eq!(o, Fate::Fallthrough, "8080 is not what the chain sees");
         let (o, _) = walk(&[rule(1, dport(40400))], 0);
-        assert_eq!(o, Outcome::Accept);
+        assert_eq!(o, Fate::Accept);
         // `ct <key> & mask != 0 accept`, as nft encodes `ct status dnat accept` and
         // `ct state established,related accept`.
         let ct_bits = |key: u32, mask: u32| {
@@ -889,8 +957,8 @@ mod tests {
             ]
         };
         let (dnat, established) = (ct_bits(2, 0x20), ct_bits(0, 6));
-        assert_eq!(walk(&[rule(2, dnat)], 0).0, Outcome::Accept);
-        assert_eq!(walk(&[rule(3, established)], 0).0, Outcome::Fallthrough);
+        assert_eq!(walk(&[rule(2, dnat)], 0).0, Fate::Accept);
+        assert_eq!(walk(&[rule(3, established)], 0).0, Fate::Fallthrough);
     }
 
     #[test]
@@ -916,7 +984,7 @@ mod tests {
             ),
         ];
         let (o, undecided) = walk(&rules, 0);
-        assert_eq!(o, Outcome::Fallthrough);
+        assert_eq!(o, Fate::Fallthrough);
         assert_eq!(undecided, ["rule handle 2 in filter INPUT"]);
     }
 
@@ -938,9 +1006,9 @@ mod tests {
                 ],
             )
         };
-        assert_eq!(walk(&[m(info.clone())], 0).0, Outcome::Accept);
+        assert_eq!(walk(&[m(info.clone())], 0).0, Fate::Accept);
         // ESTABLISHED,RELATED
         info[150..152].copy_from_slice(&6u16.to_ne_bytes());
-        assert_eq!(walk(&[m(info)], 0).0, Outcome::Fallthrough);
+        assert_eq!(walk(&[m(info)], 0).0, Fate::Fallthrough);
     }
 }

@@ -82,14 +82,14 @@ impl Drain {
     pub fn wait(&self, listener: &impl AsFd) -> io::Result<DrainReport> {
         let mut tracker = self.tracker();
         loop {
-            if let Some(report) = tracker.check(listener)? {
+            if let Some(report) = tracker.poll_drain(listener)? {
                 return Ok(report);
             }
             std::thread::sleep(self.interval);
         }
     }
 
-    /// A runtime-neutral drain: call [`DrainTracker::check`] every
+    /// A runtime-neutral drain: call [`DrainTracker::poll_drain`] every
     /// [`DrainTracker::interval`] from any event loop (e.g. after a `tokio::time::sleep`)
     /// until it returns a report. The clock starts now.
     pub fn tracker(&self) -> DrainTracker {
@@ -113,27 +113,27 @@ pub struct DrainTracker {
 }
 
 impl DrainTracker {
-    /// How long to wait between checks.
+    /// How long to wait between samples.
     pub fn interval(&self) -> Duration {
         self.drain.interval
     }
 
     /// Samples the accept queue once. `Some(report)` when the drain is over.
-    pub fn check(&mut self, listener: &impl AsFd) -> io::Result<Option<DrainReport>> {
+    pub fn poll_drain(&mut self, listener: &impl AsFd) -> io::Result<Option<DrainReport>> {
         let queued = switcheroo_sys::accept_queue_len(listener).map_err(io::Error::from)?;
         Ok(self.observe(queued, Instant::now()))
     }
 
     /// Records one sample of the accept queue's length that the caller read some other way.
     /// `Some(report)` when the drain is over.
-    pub fn check_len(&mut self, queued: u32) -> Option<DrainReport> {
+    pub fn observe_queue(&mut self, queued: u32) -> Option<DrainReport> {
         self.observe(queued, Instant::now())
     }
 
     /// Samples the accept queues of every socket listening on TCP `port` in the calling
     /// thread's network namespace, for a listener held by another process: see
     /// [`accept_queue_of_port`]. `Some(report)` when the drain is over.
-    pub fn check_port(&mut self, port: u16) -> io::Result<Option<DrainReport>> {
+    pub fn poll_drain_port(&mut self, port: u16) -> io::Result<Option<DrainReport>> {
         let queued = accept_queue_of_port(port)?;
         Ok(self.observe(queued, Instant::now()))
     }
@@ -162,39 +162,20 @@ impl DrainTracker {
 }
 
 /// The connections waiting in the accept queues of the sockets listening on TCP `port` in
-/// the calling thread's network namespace (0 when nothing listens there), from
-/// `/proc/thread-self/net/tcp` and `tcp6`: the `rx_queue` column of a listening socket's
-/// line is its accept queue. For a listener that another process holds.
+/// the calling thread's network namespace (0 when nothing listens there), from the
+/// kernel's list of listening sockets (`NETLINK_SOCK_DIAG`, as `ss -lt` reads it; a
+/// listening socket's receive queue is its accept queue). For a listener that another
+/// process holds. Unlike `/proc/net/tcp`, the listing skips the connections, so tens of
+/// thousands of TIME_WAIT sockets after heavy traffic cost nothing here.
 pub fn accept_queue_of_port(port: u16) -> io::Result<u32> {
-    let mut queued = 0;
-    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let text = match std::fs::read_to_string(table) {
-            Ok(text) => text,
-            // No IPv6 in this kernel.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        queued += listen_queue(&text, port);
-    }
-    Ok(queued)
-}
-
-/// The rx_queue of each LISTEN (state 0A) line for `port` of a /proc/net/tcp table.
-fn listeners(table: &str, port: u16) -> impl Iterator<Item = u32> + '_ {
-    table.lines().skip(1).filter_map(move |line| {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1)?;
-        let state = fields.nth(1)?;
-        let queues = fields.next()?;
-        let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-        let rx = u32::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
-        (state == "0A" && local_port == port).then_some(rx)
-    })
-}
-
-/// Sums the rx_queue of the LISTEN (state 0A) lines for `port` of a /proc/net/tcp table.
-fn listen_queue(table: &str, port: u16) -> u32 {
-    listeners(table, port).sum()
+    use switcheroo_sys::diag::{sockets, state};
+    let listening = sockets(
+        switcheroo_sys::Protocol::Tcp,
+        state::bit(state::LISTEN),
+        Some(port),
+    )
+    .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(listening.iter().map(|s| s.queued).sum())
 }
 
 #[cfg(test)]
@@ -203,21 +184,15 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     #[test]
-    fn proc_net_tcp_listen_queue() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000:9D90 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
-   1: 0100007F:9D90 0100007F:A000 01 00000000:00000005 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1
-   2: 00000000:1F90 00000000:0000 0A 00000000:00000007 00:00000000 00000000     0        0 3 1 0 100 0 0 10 0
-";
-        assert_eq!(listen_queue(table, 0x9D90), 3);
-        assert_eq!(listen_queue(table, 0x1F90), 7);
-        assert_eq!(listen_queue(table, 1), 0);
+    fn the_accept_queue_of_a_port_is_read_from_the_kernels_socket_list() {
         // A real listener: two connections nobody accepted.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let _a = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let _b = TcpStream::connect(("127.0.0.1", port)).unwrap();
         assert_eq!(accept_queue_of_port(port).unwrap(), 2);
+        drop(listener);
+        assert_eq!(accept_queue_of_port(port).unwrap(), 0);
     }
 
     #[test]

@@ -118,6 +118,21 @@ pub enum Error {
         /// The namespace.
         namespace: String,
     },
+    /// A live instance of another namespace serves the public port in a chain the deploy
+    /// would insert into: the new rule would take its new connections. Nothing was changed.
+    #[error("public port {port} ({chain}) is served by pid {pid} of namespace {namespace:?}; a deploy of namespace {wanted:?} would take its new connections. Deploy it with namespace {namespace:?}, or move the service to {wanted:?} explicitly (run --move-from {namespace}, Takeover::moving_from); nothing was changed")]
+    PortHeld {
+        /// The public port.
+        port: crate::Port,
+        /// The family and chain, as `ip PREROUTING`.
+        chain: String,
+        /// The namespace that serves it.
+        namespace: String,
+        /// The pid of its instance there.
+        pid: u32,
+        /// The namespace of the refused deploy.
+        wanted: String,
+    },
     /// A rollback found nothing to go back to; nothing was changed.
     #[error("nothing to roll back to in namespace {namespace:?}: {why}")]
     NothingToRollBack {
@@ -154,6 +169,28 @@ pub enum Error {
         /// The system error.
         errno: nix::errno::Errno,
     },
+}
+
+impl Error {
+    /// Whether the error is about the input (a namespace, port, range, route, share or
+    /// duration that is not valid): the caller must change what it asked for; nothing was
+    /// touched.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidNamespace { .. }
+                | Error::InvalidPort
+                | Error::InvalidRange { .. }
+                | Error::PortInRange { .. }
+                | Error::NoPorts
+                | Error::DuplicatePort { .. }
+                | Error::NotOneTcpPort { .. }
+                | Error::NoRoutes
+                | Error::InvalidDuration { .. }
+                | Error::InvalidCanary { .. }
+                | Error::InvalidNetns
+        )
+    }
 }
 
 impl From<switcheroo_sys::Error> for Error {

@@ -16,6 +16,7 @@
 //! unreachable) until its entry expired, and with it the flow would be mapped afresh, to
 //! the current instance.
 
+use crate::registry::Registry;
 use crate::{Result, Switcheroo};
 use std::time::{Duration, Instant};
 use switcheroo_sys::conntrack::Entry;
@@ -96,19 +97,19 @@ impl FlowDrain {
     pub fn wait(&self, sw: &Switcheroo, port: u16) -> Result<FlowReport> {
         let mut tracker = self.tracker(sw, port);
         loop {
-            if let Some(report) = tracker.check()? {
+            if let Some(report) = tracker.poll_drain()? {
                 return Ok(report);
             }
             std::thread::sleep(self.interval);
         }
     }
 
-    /// A runtime-neutral drain of `port`: call [`FlowTracker::check`] every
+    /// A runtime-neutral drain of `port`: call [`FlowTracker::poll_drain`] every
     /// [`FlowTracker::interval`] until it returns a report. The clock starts now.
     pub fn tracker(&self, sw: &Switcheroo, port: u16) -> FlowTracker {
         FlowTracker {
             drain: *self,
-            sw: sw.clone(),
+            registry: sw.registry().clone(),
             port,
             started: Instant::now(),
             timeouts: None,
@@ -120,7 +121,7 @@ impl FlowDrain {
 #[derive(Debug, Clone)]
 pub struct FlowTracker {
     drain: FlowDrain,
-    sw: Switcheroo,
+    registry: Registry,
     port: u16,
     started: Instant,
     timeouts: Option<UdpTimeouts>,
@@ -133,12 +134,12 @@ impl FlowTracker {
     }
 
     /// Reads the port's flows once. `Some(report)` when the drain is over.
-    pub fn check(&mut self) -> Result<Option<FlowReport>> {
+    pub fn poll_drain(&mut self) -> Result<Option<FlowReport>> {
         let timeouts = match self.timeouts {
             Some(t) => t,
-            None => *self.timeouts.insert(UdpTimeouts::read(&self.sw)?),
+            None => *self.timeouts.insert(UdpTimeouts::read(&self.registry)?),
         };
-        let entries = flows_to(&self.sw, self.port)?;
+        let entries = flows_to(&self.registry, self.port)?;
         let idle_secs = self.drain.idle.as_secs_f64().ceil().max(1.0) as u32;
         let busy = entries
             .iter()
@@ -158,9 +159,10 @@ impl FlowTracker {
     }
 }
 
-/// The UDP flows (both families) that conntrack maps to `port` in `sw`'s namespace.
-fn flows_to(sw: &Switcheroo, port: u16) -> Result<Vec<Entry>> {
-    sw.with_conn(|conn, _| {
+/// The UDP flows (both families) that conntrack maps to `port` in the registry's network
+/// namespace.
+fn flows_to(registry: &Registry, port: u16) -> Result<Vec<Entry>> {
+    registry.with_conn(|conn, _| {
         let mut all = Vec::new();
         for family in Family::ALL {
             all.extend(conn.conntrack_to_port(family, Protocol::Udp, port)?);
@@ -187,7 +189,7 @@ impl UdpTimeouts {
 
     /// Reads the sysctls from `/proc/sys/net/netfilter` as the service's network namespace
     /// sees them (they are per namespace).
-    fn read(sw: &Switcheroo) -> Result<UdpTimeouts> {
+    fn read(registry: &Registry) -> Result<UdpTimeouts> {
         let read = |name: &str| -> Option<u32> {
             std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
                 .ok()?
@@ -195,7 +197,7 @@ impl UdpTimeouts {
                 .parse()
                 .ok()
         };
-        let (new, stream) = sw.in_netns(|| {
+        let (new, stream) = registry.in_netns(|| {
             (
                 read("nf_conntrack_udp_timeout"),
                 read("nf_conntrack_udp_timeout_stream"),
@@ -231,7 +233,7 @@ impl UdpTimeouts {
 /// [`Switcheroo::flows`].
 #[derive(Debug)]
 pub struct Flows {
-    sw: Switcheroo,
+    registry: Registry,
     port: u16,
     entries: Vec<Entry>,
 }
@@ -257,13 +259,17 @@ impl Flows {
     /// No entry for the port appears after the read once the instance's rules are gone:
     /// conntrack maps a new flow by the rules, which lead elsewhere.
     pub fn forget(self) -> Result<usize> {
-        let Flows { sw, port, entries } = self;
-        sw.with_conn(|conn, _| {
+        let Flows {
+            registry,
+            port,
+            entries,
+        } = self;
+        registry.with_conn(|conn, _| {
             let forgotten = conn.delete_conntrack_all(&entries)?;
             if forgotten > 0 {
                 log::debug!(
                     "namespace {}: forgot {forgotten} UDP flows of port {port}",
-                    sw.namespace()
+                    registry.namespace()
                 );
             }
             Ok(forgotten)
@@ -271,34 +277,19 @@ impl Flows {
     }
 }
 
-impl Switcheroo {
-    /// The UDP flows that conntrack maps to the internal port `port` (both families) in
-    /// the service's network namespace, the most recently active first, to
-    /// [`forget`](Flows::forget) as the instance behind `port` leaves. Forget them while
-    /// still answering, answer for a few milliseconds more, then close: a flow that goes
-    /// on is then mapped afresh, to the instance that serves now, instead of feeding a
-    /// closed port until its entry expires. Only a datagram that is waiting in the socket
-    /// at the instant its flow goes is answered from the internal port, which its client
-    /// drops. Needs CAP_NET_ADMIN.
-    pub fn flows(&self, port: u16) -> Result<Flows> {
-        let mut entries = flows_to(self, port)?;
-        // The most recently active first, and among those the assured (long-lived) ones:
-        // a flow of one datagram and its answer is as recent, but over.
-        let timeouts = UdpTimeouts::read(self)?;
-        entries.sort_by_key(|e| (timeouts.quiet_secs(e.assured(), e.timeout), !e.assured()));
-        Ok(Flows {
-            sw: self.clone(),
-            port,
-            entries,
-        })
-    }
-
-    /// [`Switcheroo::flows`] and [`Flows::forget`] in one call: deletes the conntrack
-    /// entries that map UDP flows to the internal port `port`, and returns how many there
-    /// were.
-    pub fn forget_flows(&self, port: u16) -> Result<usize> {
-        self.flows(port)?.forget()
-    }
+/// The UDP flows that conntrack maps to the internal port `port`, the most recently active
+/// first; see [`Switcheroo::flows`].
+pub(crate) fn read(registry: &Registry, port: u16) -> Result<Flows> {
+    let mut entries = flows_to(registry, port)?;
+    // The most recently active first, and among those the assured (long-lived) ones: a
+    // flow of one datagram and its answer is as recent, but over.
+    let timeouts = UdpTimeouts::read(registry)?;
+    entries.sort_by_key(|e| (timeouts.quiet_secs(e.assured(), e.timeout), !e.assured()));
+    Ok(Flows {
+        registry: registry.clone(),
+        port,
+        entries,
+    })
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ use crate::comment::Identity;
 use crate::process::Stat;
 use log::{info, warn};
 use nix::errno::Errno;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use switcheroo_sys::PidFd;
 
 /// The start time of `pid` (field 22 of `/proc/<pid>/stat`), if it runs: a process that
@@ -17,20 +19,55 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
         .map(|s| s.start_time)
 }
 
-/// This process, as its rules name it.
+/// This process, as its rules name it. Read once per process: a pid and its start time
+/// never change (a forked child has another pid, and reads its own).
 pub(crate) fn this_process() -> (u32, Option<u64>) {
+    static CACHE: Mutex<Option<(u32, Option<u64>)>> = Mutex::new(None);
     let pid = std::process::id();
-    (pid, start_time(pid))
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    match *cache {
+        Some((cached, start)) if cached == pid => (pid, start),
+        _ => {
+            let me = (pid, start_time(pid));
+            *cache = Some(me);
+            me
+        }
+    }
 }
 
-/// Whether the process named by a rule is running: same pid and, when the rule records
-/// one, same start time. Rules without a start time (the Go original's) count as alive when
-/// the pid exists.
-pub(crate) fn is_alive(id: &Identity) -> bool {
-    match (start_time(id.pid), id.start) {
+/// Whether the process named by `id` runs, given its start time `now` (`None`: no such
+/// running process). Rules without a start time (the Go original's) count as alive when the
+/// pid runs.
+pub(crate) fn matches(id: &Identity, now: Option<u64>) -> bool {
+    match (now, id.start) {
         (Some(now), Some(then)) => now == then,
         (Some(_), None) => true,
         (None, _) => false,
+    }
+}
+
+/// Whether the process named by a rule is running: same pid and, when the rule records
+/// one, same start time.
+pub(crate) fn is_alive(id: &Identity) -> bool {
+    matches(id, start_time(id.pid))
+}
+
+/// The liveness of the owners named by one read of the ruleset: each pid's
+/// `/proc/<pid>/stat` is read once, however many rules name it (an instance has a rule per
+/// port, chain and family).
+#[derive(Debug, Default)]
+pub(crate) struct Owners {
+    seen: HashMap<u32, Option<u64>>,
+}
+
+impl Owners {
+    /// Whether `id`'s process runs (see [`is_alive`]).
+    pub fn is_alive(&mut self, id: &Identity) -> bool {
+        let now = *self
+            .seen
+            .entry(id.pid)
+            .or_insert_with(|| start_time(id.pid));
+        matches(id, now)
     }
 }
 
@@ -76,12 +113,10 @@ pub(crate) fn terminate(id: &Identity) -> Termination {
         Some(now) if now != expected => return Termination::Reused,
         Some(_) => {}
     }
+    let sigterm = nix::sys::signal::Signal::SIGTERM;
     let sent = match &pidfd {
-        Some(fd) => fd.send_signal(libc_sigterm()),
-        None => nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(id.pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        ),
+        Some(fd) => fd.send_signal(sigterm as i32),
+        None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(id.pid as i32), sigterm),
     };
     match sent {
         Ok(()) => Termination::Signalled,
@@ -90,15 +125,11 @@ pub(crate) fn terminate(id: &Identity) -> Termination {
     }
 }
 
-fn libc_sigterm() -> i32 {
-    nix::sys::signal::Signal::SIGTERM as i32
-}
-
 /// SIGTERMs each of `owners`, after its identity check; returns the pids signalled.
-pub(crate) fn terminate_all(owners: Vec<Identity>) -> Vec<u32> {
+pub(crate) fn terminate_all(owners: &[Identity]) -> Vec<u32> {
     let mut signalled = Vec::new();
     for id in owners {
-        match terminate(&id) {
+        match terminate(id) {
             Termination::Signalled => {
                 info!("sent SIGTERM to pid {} (port {})", id.pid, id.port);
                 signalled.push(id.pid);
@@ -133,11 +164,27 @@ mod tests {
             start,
         };
         assert!(is_alive(&id));
+        assert!(Owners::default().is_alive(&id));
         assert_eq!(terminate(&id), Termination::Myself);
         let older = Identity {
             start: start.map(|s| s + 1),
             ..id
         };
         assert!(!is_alive(&older));
+    }
+
+    #[test]
+    fn an_owner_matches_by_start_time_when_the_rule_has_one() {
+        let id = |start| Identity {
+            namespace: "t".into(),
+            port: 1,
+            pid: 7,
+            start,
+        };
+        assert!(matches(&id(Some(5)), Some(5)));
+        assert!(!matches(&id(Some(5)), Some(6)), "the pid was reused");
+        assert!(!matches(&id(Some(5)), None), "no such process");
+        assert!(matches(&id(None), Some(6)), "the Go original's rule");
+        assert!(!matches(&id(None), None));
     }
 }

@@ -5,7 +5,10 @@
 //! carry it, so an instance is signalled only if it is still the process that wrote its
 //! rule.
 
-use std::io;
+use std::io::{self, Read};
+
+/// Room for one `/proc/<pid>/stat` line, with a wide margin.
+const STAT_MAX: usize = 4096;
 
 /// The fields of `/proc/<pid>/stat` that switcheroo reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,15 +26,25 @@ pub struct Stat {
 }
 
 impl Stat {
-    /// Reads `/proc/<pid>/stat`. NotFound: no such process.
+    /// Reads `/proc/<pid>/stat` with one `read(2)` into a buffer on the stack: the file
+    /// is one line of at most about 1,200 bytes (52 fields of at most 20 digits and a
+    /// command of at most 64 bytes), and procfs hands a whole line to a read that has room
+    /// for it. NotFound: no such process.
     pub fn of(pid: u32) -> io::Result<Stat> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        Stat::parse(&text).ok_or_else(|| {
+        let mut buf = [0u8; STAT_MAX];
+        let len = std::fs::File::open(format!("/proc/{pid}/stat"))?.read(&mut buf)?;
+        let bad = || {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("/proc/{pid}/stat: unexpected format"),
             )
-        })
+        };
+        // A full buffer may hold only the start of a longer line: refuse it, never guess.
+        if len == buf.len() {
+            return Err(bad());
+        }
+        // The command may hold any bytes; only the numeric fields after it are read.
+        Stat::parse(&String::from_utf8_lossy(&buf[..len])).ok_or_else(bad)
     }
 
     /// The stat of the calling process.
@@ -64,6 +77,25 @@ impl Stat {
     }
 }
 
+/// The wall-clock time at which a process with start time `start_ticks` (field 22, clock
+/// ticks since boot) started: the boot time (`btime` of `/proc/stat`, whole seconds) plus
+/// the ticks (`sysconf(_SC_CLK_TCK)` a second). `None` if either cannot be read.
+pub fn started_at(start_ticks: u64) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|hz| *hz > 0)? as u64;
+    let since_boot = std::time::Duration::from_millis(start_ticks.saturating_mul(1000) / hz);
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(btime) + since_boot)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +119,18 @@ mod tests {
         assert!(!Stat::parse(&line).unwrap().running());
         assert_eq!(Stat::parse("1234 (a"), None);
         assert_eq!(Stat::parse(""), None);
+    }
+
+    #[test]
+    fn a_process_started_after_boot_and_before_now() {
+        let me = Stat::this_process().unwrap();
+        let at = started_at(me.start_time).unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(
+            at <= now + std::time::Duration::from_secs(1),
+            "{at:?} {now:?}"
+        );
+        assert!(now.duration_since(at).unwrap() < std::time::Duration::from_secs(24 * 3600));
     }
 
     #[test]

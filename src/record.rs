@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use switcheroo_sys::{Chain, Family};
 
-const MAGIC: &str = "switcheroo-record 2";
+const MAGIC: &str = "switcheroo-record 3";
 /// How many records a directory keeps: one per (network namespace, service) that
 /// committed, so a host with a few services needs a handful; the bound keeps a test suite
 /// that makes thousands of namespaces from filling it.
@@ -258,7 +258,7 @@ mod tests {
         };
         let text = format(&record, &key(9));
         assert!(
-            text.starts_with("switcheroo-record 2\nboot 0123456789abcdef0123456789abcdef\nnetns 9\nnamespace app\ngeneration 42\nrule ip PREROUTING 5\nrule ip6 OUTPUT 7\nend "),
+            text.starts_with("switcheroo-record 3\nboot 0123456789abcdef0123456789abcdef\nnetns 9\nnamespace app\ngeneration 42\nrule ip PREROUTING 5\nrule ip6 OUTPUT 7\nend "),
             "{text}"
         );
         assert_eq!(parse(&text, &key(9)), Some(record.clone()));

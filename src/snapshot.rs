@@ -1,87 +1,108 @@
-//! A namespace's rules as the kernel holds them, read in one go.
+//! The switcheroo rules of the nat chains as the kernel holds them, read in one go.
 
-use crate::record::{Key, Record, Records};
-use crate::rule::Rule;
+use crate::owner::Owners;
+use crate::record::{Record, Records};
+use crate::rule::{self, Found, Rule};
+use crate::Routes;
 use log::debug;
-use switcheroo_sys::{Chain, Conn, Error, Family};
+use switcheroo_sys::{Chain, Conn, Error, Family, Handle};
 
-/// What a transaction is computed from: the generation it was read at, the switcheroo
-/// rules (of one namespace, or all), chain by chain top down, and the nat chains of
-/// interest that do not exist yet.
+/// What a transaction is computed from: every switcheroo rule of the four nat chains, of
+/// every namespace, chain by chain top down with their roles; the chains of interest that
+/// do not exist yet; and the generation the read was made at, when it was asked for.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
-    pub generation: u32,
-    pub ours: Vec<Rule>,
+    pub generation: Option<u32>,
+    pub rules: Vec<Rule>,
     pub missing: Vec<(Family, Chain)>,
 }
 
-/// Where a snapshot may come from without dumps.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Recorded<'a> {
-    pub records: &'a Records,
-    pub key: &'a Key,
-}
-
-/// The record and what the caller has done since it was written: `own` transactions of
-/// its own, each of which moved the generation by one (taking the commit lock is one).
+/// Where a snapshot may come from without dumps: the record of the namespace's last
+/// commit, and the transactions of the caller's own since it was written, each of which
+/// moved the generation by one (taking the commit lock is one).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Since<'a> {
-    pub recorded: Recorded<'a>,
+    pub records: &'a Records,
+    pub key: &'a crate::record::Key,
     pub own: u32,
 }
 
-/// Reads the generation, then dumps every (family, chain), each filtered to its chain in
-/// the kernel, and keeps the switcheroo rules of `namespace` (of every namespace when
-/// `None`). Chains for which `wanted` holds and that dump empty are looked up to learn
-/// whether they exist. With `since`, the record of the namespace's last commit is used
-/// instead of the dumps when it still holds (see [`crate::record`]).
+/// What a read needs besides the rules.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Needs {
+    /// The chains of these routes will be inserted into: learn whether they exist.
+    pub chains: Option<Routes>,
+    /// The generation, read before the dumps (to bind a batch to, or to record).
+    pub generation: bool,
+}
+
+impl Needs {
+    fn wants(&self, chain: Chain) -> bool {
+        self.chains.is_some_and(|r| r.has_chain(chain))
+    }
+}
+
+/// Dumps every (family, chain), each filtered to its chain in the kernel, and keeps the
+/// switcheroo rules. Chains that [`Needs::chains`] names and that dump empty are looked up
+/// to learn whether they exist. With `since`, the record of the namespace's last commit is
+/// used instead of the dumps when it still holds (see [`crate::record`]).
+///
+/// The generation is read first only when `needs` asks for it, or when a chain turns out
+/// to be missing (a batch that creates chains is bound to the generation of its read): the
+/// read is then made again after it, so that the generation is not newer than the rules.
 ///
 /// A dump interrupted by a concurrent change fails with a conflict: the caller retries.
 pub(crate) fn read(
     conn: &mut Conn,
-    namespace: Option<&str>,
-    wanted: &dyn Fn(Chain) -> bool,
+    mut needs: Needs,
     since: Option<Since<'_>>,
 ) -> Result<Snapshot, Error> {
     if let Some(since) = since {
-        if let Some(snap) = from_record(conn, since, wanted)? {
+        if let Some(snap) = from_record(conn, since, &needs)? {
             return Ok(snap);
         }
+        needs.generation = true;
     }
-    let generation = conn.generation()?;
-    let mut snap = Snapshot {
-        generation,
-        ..Snapshot::default()
-    };
-    for family in Family::ALL {
-        for chain in Chain::ALL {
-            let entries = conn.list_rules(family, chain)?;
-            if entries.is_empty() && wanted(chain) && !conn.chain_exists(family, chain)? {
-                snap.missing.push((family, chain));
+    loop {
+        let generation = if needs.generation {
+            Some(conn.generation()?)
+        } else {
+            None
+        };
+        let mut snap = Snapshot {
+            generation,
+            ..Snapshot::default()
+        };
+        let mut owners = Owners::default();
+        for family in Family::ALL {
+            for chain in Chain::ALL {
+                let entries = conn.list_rules(family, chain)?;
+                if entries.is_empty() && needs.wants(chain) && !conn.chain_exists(family, chain)? {
+                    snap.missing.push((family, chain));
+                }
+                let found = entries
+                    .into_iter()
+                    .filter_map(|entry| Found::parse(entry, &mut owners))
+                    .collect();
+                snap.rules.extend(rule::place(found));
             }
-            let mut rules: Vec<Rule> = entries
-                .into_iter()
-                .filter_map(|entry| Rule::from_entry(entry, namespace))
-                .collect();
-            crate::rule::assign_roles(&mut rules);
-            snap.ours.extend(rules);
         }
+        if snap.missing.is_empty() || snap.generation.is_some() {
+            return Ok(snap);
+        }
+        needs.generation = true;
     }
-    Ok(snap)
 }
 
 /// The snapshot from the record of the namespace's last commit, if the ruleset generation
 /// is still the recorded one (plus the caller's own transactions since, which came after
-/// the record: the lock it took was released by the recorded commit), every recorded
-/// rule is still there and ours, and every wanted chain holds one of them (so it exists).
-/// `None`: dump instead.
+/// the record: the lock it took was released by the recorded commit), every recorded rule
+/// is still there and a switcheroo rule, and every wanted chain holds one of them (so it
+/// exists). `None`: dump instead.
 fn from_record(
     conn: &mut Conn,
-    Since {
-        recorded: Recorded { records, key },
-        own,
-    }: Since<'_>,
-    wanted: &dyn Fn(Chain) -> bool,
+    Since { records, key, own }: Since<'_>,
+    needs: &Needs,
 ) -> Result<Option<Snapshot>, Error> {
     let Some(record) = records.load(key) else {
         return Ok(None);
@@ -89,7 +110,7 @@ fn from_record(
     let namespace = key.namespace.as_str();
     let covered = Family::ALL.into_iter().all(|family| {
         Chain::ALL.into_iter().all(|chain| {
-            !wanted(chain)
+            !needs.wants(chain)
                 || record
                     .rules
                     .iter()
@@ -107,47 +128,67 @@ fn from_record(
         );
         return Ok(None);
     }
-    let mut ours = Vec::with_capacity(record.rules.len());
-    for (family, chain, handle) in record.rules {
-        let rule = conn
-            .get_rule(family, chain, handle)?
-            .and_then(|entry| Rule::from_entry(entry, Some(namespace)));
-        match rule {
-            Some(rule) => ours.push(rule),
-            None => {
-                debug!("namespace {namespace}: recorded rule {family} {chain} {handle} is not ours; dumping");
-                return Ok(None);
+    let mut owners = Owners::default();
+    let mut rules = Vec::with_capacity(record.rules.len());
+    for family in Family::ALL {
+        for chain in Chain::ALL {
+            let mut found = Vec::new();
+            for (_, _, handle) in record
+                .rules
+                .iter()
+                .filter(|(f, c, _)| (*f, *c) == (family, chain))
+            {
+                let rule = conn
+                    .get_rule(family, chain, *handle)?
+                    .and_then(|entry| Found::parse(entry, &mut owners));
+                match rule {
+                    Some(rule) => found.push(rule),
+                    None => {
+                        debug!("namespace {namespace}: recorded rule {family} {chain} {handle} is gone or not a switcheroo rule; dumping");
+                        return Ok(None);
+                    }
+                }
             }
+            rules.extend(rule::place(found));
         }
     }
-    crate::rule::assign_roles_per_chain(&mut ours);
     debug!(
         "namespace {namespace}: generation {generation} unchanged since the last commit; no dump"
     );
     Ok(Some(Snapshot {
-        generation,
-        ours,
+        generation: Some(generation),
+        rules,
         missing: Vec::new(),
     }))
 }
 
-/// The record a transaction leaves: the rules of `snap` that `batch` did not delete,
-/// and the rules it inserted, if the generation moved by exactly this transaction.
+/// The record a transaction leaves: every switcheroo rule after it (the rules of `snap`
+/// that it did not delete, and those it inserted), chain by chain top down, if the
+/// generation moved by exactly this transaction; `None` otherwise.
 pub(crate) fn record_after(
     snap: &Snapshot,
-    deleted: &[(Family, Chain, switcheroo_sys::Handle)],
+    deleted: &[(Family, Chain, Handle)],
     inserted: &[Rule],
     generation_now: u32,
 ) -> Option<Record> {
-    if generation_now != snap.generation.wrapping_add(1) {
+    let read_at = snap.generation?;
+    if generation_now != read_at.wrapping_add(1) {
         return None;
     }
-    let mut rules: Vec<(Family, Chain, u64)> = inserted
-        .iter()
-        .chain(snap.ours.iter().filter(|r| !deleted.contains(&r.place())))
-        .map(|r| (r.family, r.chain, r.handle.get()))
-        .collect();
-    rules.sort_by_key(|(f, c, _)| (*f, *c));
+    let mut rules = Vec::new();
+    for family in Family::ALL {
+        for chain in Chain::ALL {
+            let here = |r: &&Rule| (r.family, r.chain) == (family, chain);
+            // Inserted in batch order at the head: the last insert is the top one.
+            let new = inserted.iter().rev().filter(here);
+            let kept = snap
+                .rules
+                .iter()
+                .filter(here)
+                .filter(|r| !deleted.contains(&r.place()));
+            rules.extend(new.chain(kept).map(|r| (family, chain, r.handle.get())));
+        }
+    }
     (!rules.is_empty()).then_some(Record {
         generation: generation_now,
         rules,

@@ -1,22 +1,22 @@
 //! The configuration of one service: namespace, public ports, routes and internal range,
 //! the network namespace it acts in; and the operations on its rules.
 
+use crate::check::{self, Finding, Target};
 use crate::comment::valid_namespace;
+use crate::flows::{self, Flows};
 use crate::netns::NetNs;
-use crate::port::{Bound, Port, Socket};
-use crate::record::{Key, Records};
+use crate::port::{Bound, Mapping, Port, Socket};
+use crate::record::Records;
+use crate::registry::{Promotion, Registry, Rollback};
 use crate::rule::Rule;
-use crate::snapshot::Recorded;
 use crate::takeover::Takeover;
-use crate::transaction::{self, Transaction, MAX_ATTEMPTS};
+use crate::transact::MAX_ATTEMPTS;
 use crate::{port, Error, Result, Routes};
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use switcheroo_sys::{Conn, Op};
 
 /// The default internal port range.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
@@ -37,21 +37,10 @@ pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
 /// rules (an RCU grace period, 15-30 ms).
 #[derive(Debug, Clone)]
 pub struct Switcheroo {
-    namespace: String,
     ports: Vec<Port>,
     routes: Routes,
     range: RangeInclusive<u16>,
-    max_attempts: u32,
-    netns: NetNs,
-    records: Option<Records>,
-    link: Arc<Mutex<Option<Link>>>,
-}
-
-/// The open netlink socket, and the key of the commit record of its network namespace.
-#[derive(Debug)]
-struct Link {
-    conn: Conn,
-    key: Option<Key>,
+    registry: Registry,
 }
 
 /// Configures a [`Switcheroo`]; see [`Switcheroo::builder`].
@@ -179,14 +168,15 @@ impl Builder {
             None => NetNs::current()?,
         };
         Ok(Switcheroo {
-            namespace: self.namespace,
             ports: self.ports,
             routes: self.routes,
             range: self.range,
-            max_attempts: self.max_attempts,
-            netns,
-            records: self.record_dir.map(Records::new),
-            link: Arc::default(),
+            registry: Registry::new(
+                self.namespace,
+                netns,
+                self.max_attempts,
+                self.record_dir.map(Records::new),
+            ),
         })
     }
 }
@@ -225,7 +215,7 @@ impl Switcheroo {
 
     /// The namespace.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        self.registry.namespace()
     }
 
     /// The first public port (the only one of a service made with
@@ -251,7 +241,12 @@ impl Switcheroo {
 
     /// The retry budget of a transaction.
     pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
+        self.registry.max_attempts()
+    }
+
+    /// The namespace's hold on its network namespace's ruleset.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Binds a listener on a free internal port and returns it with the [`Takeover`] that
@@ -260,8 +255,8 @@ impl Switcheroo {
     /// leaves every rule as it was.
     ///
     /// The listener is dual-stack (`[::]:port`, also accepting IPv4), or IPv4 only where the
-    /// host has IPv6 disabled, in the service's network namespace. Ports that rules of
-    /// this namespace still route to are skipped. Reads the ruleset, so it needs
+    /// host has IPv6 disabled, in the service's network namespace. Ports that switcheroo
+    /// rules (of any namespace) still route to are skipped. Reads the ruleset, so it needs
     /// CAP_NET_ADMIN.
     ///
     /// [`Error::NotOneTcpPort`] for a service with other ports than one TCP port: use
@@ -289,16 +284,22 @@ impl Switcheroo {
     /// port (a TCP listener or an unconnected UDP socket, dual-stack), and returns them in
     /// the order the ports were given, with the [`Takeover`] that will point all the
     /// public ports at them in one transaction. Nothing in the ruleset changes; dropping
-    /// the takeover leaves every rule as it was. Ports that rules of this namespace still
-    /// route to are skipped. Reads the ruleset, so it needs CAP_NET_ADMIN.
+    /// the takeover leaves every rule as it was. Ports that switcheroo rules (of any
+    /// namespace) still route to are skipped. Reads the ruleset, so it needs CAP_NET_ADMIN.
     pub fn begin_all(&self) -> Result<(Vec<Bound>, Takeover)> {
-        let ours = self.rules()?;
-        let mut taken: HashSet<u16> = ours.iter().map(|r| r.internal_port).collect();
+        // The ports every switcheroo rule leads to, of any namespace: a dead instance's
+        // rule still routes there, and a socket bound to it would get those connections.
+        let mut taken: HashSet<u16> = self
+            .registry
+            .read()?
+            .iter()
+            .map(|r| r.internal_port)
+            .collect();
         let mut bound = Vec::with_capacity(self.ports.len());
         for public in &self.ports {
-            let socket = self
-                .netns
-                .run(|| port::bind_free(public.protocol, &self.range, &taken, &self.namespace))??;
+            let socket = self.registry.in_netns(|| {
+                port::bind_free(public.protocol, &self.range, &taken, self.namespace())
+            })??;
             let addr = match &socket {
                 Socket::Tcp(l) => l.local_addr(),
                 Socket::Udp(s) => s.local_addr(),
@@ -306,7 +307,7 @@ impl Switcheroo {
             let internal = addr.map_err(|e| Error::Bind { port: 0, source: e })?.port();
             log::debug!(
                 "namespace {}: bound internal port {internal} for {public}",
-                self.namespace
+                self.namespace()
             );
             taken.insert(internal);
             bound.push(Bound {
@@ -325,76 +326,103 @@ impl Switcheroo {
         list.join(", ")
     }
 
-    /// This namespace's rules, in every (family, chain), each chain top down, with whether
-    /// their owner is alive. Four filtered dumps; needs CAP_NET_ADMIN.
+    /// This namespace's rules, in every (family, chain), each chain top down, with their
+    /// roles and whether their owners are alive. Four filtered dumps; needs CAP_NET_ADMIN.
     pub fn rules(&self) -> Result<Vec<Rule>> {
-        self.with_conn(|conn, recorded| {
-            Ok(transaction::read(conn, Some(&self.namespace), self.max_attempts, recorded)?.ours)
-        })
+        self.registry.rules()
     }
 
     /// Deletes every rule of this namespace, by handle, in one transaction, and returns how
     /// many there were. Processes are not signalled. Other rules are not touched; the
     /// tables and chains stay.
     pub fn cleanup(&self) -> Result<usize> {
-        self.with_conn(|conn, recorded| {
-            delete_namespace(conn, &self.namespace, self.max_attempts, recorded)
-        })
+        self.registry.cleanup()
     }
 
-    /// Runs `f` on the shared socket, opening it in the service's network namespace if
-    /// needed, with the commit record of that namespace when records are on. After a
-    /// failure the socket is dropped (releasing anything it held), so the next call starts
-    /// from a fresh one, again in the same namespace.
-    pub(crate) fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&mut Conn, Option<Recorded<'_>>) -> Result<T>,
-    ) -> Result<T> {
-        // A panic while holding the lock leaves at worst a socket with unread replies,
-        // which sequence numbers already tell apart; keep going.
-        let mut guard = self.link.lock().unwrap_or_else(|p| p.into_inner());
-        let link = match guard.as_mut() {
-            Some(link) => link,
-            None => {
-                let conn = self.netns.run(Conn::open)??;
-                let key = match (&self.records, conn.netns_cookie()) {
-                    (Some(_), Ok(cookie)) => Key::new(cookie, &self.namespace),
-                    (Some(_), Err(e)) => {
-                        log::debug!("no commit record: the network namespace's cookie is unavailable ({e}; Linux 5.14+)");
-                        None
-                    }
-                    (None, _) => None,
-                };
-                guard.insert(Link { conn, key })
-            }
+    /// Rolls the service back in one transaction: deletes its head instance's rules in
+    /// every chain (the canary if there is one, else the active, if a live standby is
+    /// below it, which then takes every new connection) and any rules of dead owners, then
+    /// sends the rolled-back instance SIGTERM (after its identity check) so that it
+    /// retires. [`Error::NothingToRollBack`] says why when there is nothing to go back to;
+    /// the ruleset is then unchanged.
+    pub fn rollback(&self) -> Result<Rollback> {
+        self.registry.rollback()
+    }
+
+    /// Makes the live canary the active in one transaction: a plain rule of the canary's
+    /// instance replaces its statistic rule at the head of each chain, the previous active
+    /// stays below as the standby, and an older standby's rules and those of dead owners
+    /// go (their live owners get SIGTERM). The promoted instance's probation, if it watches
+    /// with a [`Tenure`](crate::Tenure), decides when the standby retires.
+    /// [`Error::NoCanary`] without a live canary; the ruleset is then unchanged.
+    pub fn promote(&self) -> Result<Promotion> {
+        self.registry.promote()
+    }
+
+    /// The UDP flows that conntrack maps to the internal port `port` (both families) in
+    /// the service's network namespace, the most recently active first, to
+    /// [`forget`](Flows::forget) as the instance behind `port` leaves. Forget them while
+    /// still answering, answer for a few milliseconds more, then close: a flow that goes
+    /// on is then mapped afresh, to the instance that serves now, instead of feeding a
+    /// closed port until its entry expires. Only a datagram that is waiting in the socket
+    /// at the instant its flow goes is answered from the internal port, which its client
+    /// drops. Needs CAP_NET_ADMIN.
+    pub fn flows(&self, port: u16) -> Result<Flows> {
+        flows::read(&self.registry, port)
+    }
+
+    /// [`Switcheroo::flows`] and [`Flows::forget`] in one call: deletes the conntrack
+    /// entries that map UDP flows to the internal port `port`, and returns how many there
+    /// were.
+    pub fn forget_flows(&self, port: u16) -> Result<usize> {
+        self.flows(port)?.forget()
+    }
+
+    /// Whether a deploy of this service would be refused because a live instance of
+    /// another namespace serves one of its public ports (but `moving_from`, the namespace
+    /// a deploy may move the service from): the refusal the commit would return
+    /// ([`Error::PortHeld`]), or `None`. Reads the ruleset only; the commit decides again
+    /// under its lock.
+    pub fn port_held(&self, moving_from: Option<&str>) -> Result<Option<Error>> {
+        let rules = self.registry.read()?;
+        let view = crate::view::View::new(self.namespace(), &rules);
+        // Only the public ports matter to the question; internal ports are not chosen yet.
+        let mappings: Vec<Mapping> = self
+            .ports
+            .iter()
+            .map(|p| Mapping {
+                public: *p,
+                internal: 0,
+            })
+            .collect();
+        let deployment = crate::plan::Deployment {
+            me: crate::owner::this_process(),
+            mappings: &mappings,
+            routes: self.routes,
+            canary: None,
+            probation: false,
+            moving_from,
         };
-        let recorded = match (&self.records, &link.key) {
-            (Some(records), Some(key)) => Some(Recorded { records, key }),
-            _ => None,
+        Ok(crate::plan::port_held(&view, &deployment))
+    }
+
+    /// The connections (TCP, not yet closed) and UDP flows that conntrack maps to the
+    /// internal ports of `mappings` in the service's network namespace: what an instance
+    /// still serves. One filtered dump per family and port; needs CAP_NET_ADMIN.
+    pub fn connections(&self, mappings: &[Mapping]) -> Result<crate::Connections> {
+        self.registry
+            .with_conn(|conn, _| crate::instances::count(conn, mappings))
+    }
+
+    /// [`check::diagnose`] for this service (its namespace, ports and internal range) in
+    /// its network namespace: read-only.
+    pub fn diagnose(&self) -> Result<Vec<Finding>> {
+        let target = Target {
+            namespace: Some(self.namespace().to_owned()),
+            ports: self.ports.clone(),
+            range: self.range.clone(),
         };
-        let result = f(&mut link.conn, recorded);
-        if result.is_err() {
-            *guard = None;
-        }
-        result
-    }
-
-    /// Runs `f` in the service's network namespace (to create a socket there).
-    pub(crate) fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        self.netns.run(f)
-    }
-
-    pub(crate) fn transaction<'a>(
-        &'a self,
-        recorded: Option<Recorded<'a>>,
-        wanted: &'a dyn Fn(switcheroo_sys::Chain) -> bool,
-    ) -> Transaction<'a> {
-        Transaction {
-            namespace: &self.namespace,
-            max_attempts: self.max_attempts,
-            recorded,
-            wanted,
-        }
+        self.registry.in_netns(|| check::diagnose(&target))?
     }
 }
 
@@ -404,54 +432,36 @@ impl Switcheroo {
 ///
 /// ```no_run
 /// for rule in switcheroo::all_rules()? {
-///     println!("{} {} {} {} -> {} pid {:?} alive {}", rule.namespace, rule.family,
+///     println!("{} {} {} {} -> {} pid {} alive {}", rule.namespace, rule.family,
 ///         rule.chain, rule.public_port, rule.internal_port, rule.pid, rule.alive);
 /// }
 /// # Ok::<(), switcheroo::Error>(())
 /// ```
 pub fn all_rules() -> Result<Vec<Rule>> {
-    let mut conn = Conn::open()?;
-    Ok(transaction::read(&mut conn, None, MAX_ATTEMPTS, None)?.ours)
+    let mut conn = switcheroo_sys::Conn::open()?;
+    Ok(crate::transact::read(&mut conn, MAX_ATTEMPTS)?.rules)
 }
 
 /// Deletes every rule of the service `namespace` in the calling thread's network
 /// namespace, whatever its public port, in one transaction, and returns how many there
-/// were; processes are not signalled. The same as
-/// [`Switcheroo::cleanup`](crate::Switcheroo::cleanup) without a configured service.
+/// were; processes are not signalled. The same as [`Switcheroo::cleanup`] without a
+/// configured service.
 ///
 /// Errors: [`Error::InvalidNamespace`] before anything is read; then as `cleanup`.
 pub fn cleanup(namespace: &str) -> Result<usize> {
-    if !valid_namespace(namespace) {
-        return Err(Error::InvalidNamespace {
-            namespace: namespace.to_owned(),
-        });
-    }
-    let mut conn = Conn::open()?;
-    delete_namespace(&mut conn, namespace, MAX_ATTEMPTS, None)
+    Registry::here(namespace)?.cleanup()
 }
 
-/// The transaction behind both cleanups.
-fn delete_namespace(
-    conn: &mut Conn,
-    namespace: &str,
-    max_attempts: u32,
-    recorded: Option<Recorded<'_>>,
-) -> Result<usize> {
-    let outcome =
-        Transaction::deleting(namespace, max_attempts, recorded).run(conn, |snap, batch| {
-            for rule in &snap.ours {
-                let (family, chain, handle) = rule.place();
-                batch.push(Op::Delete(family, chain, handle));
-            }
-            Ok(())
-        })?;
-    if !outcome.removed.is_empty() {
-        log::info!(
-            "namespace {namespace}: removed {} rules",
-            outcome.removed.len()
-        );
-    }
-    Ok(outcome.removed.len())
+/// [`Switcheroo::rollback`] for the service `namespace` in the calling thread's network
+/// namespace, without a configured service (what `switcheroo rollback` runs).
+pub fn rollback(namespace: &str) -> Result<Rollback> {
+    Registry::here(namespace)?.rollback()
+}
+
+/// [`Switcheroo::promote`] for the service `namespace` in the calling thread's network
+/// namespace (what `switcheroo promote` runs).
+pub fn promote(namespace: &str) -> Result<Promotion> {
+    Registry::here(namespace)?.promote()
 }
 
 #[cfg(test)]

@@ -2,17 +2,14 @@
 //! instance and removes every older rule of the namespace, then the termination of their
 //! owners.
 
-use crate::comment::Identity;
-use crate::deploy::{self, Deploy};
-use crate::owner::{self, terminate_all};
+use crate::owner;
+use crate::plan::{self, Deployment};
 use crate::port::Mapping;
 use crate::role::Role;
-use crate::rule::owners;
 use crate::rule::Rule;
-use crate::{Error, Result, Switcheroo};
+use crate::{Result, Switcheroo};
 use log::info;
 use std::time::{Duration, Instant};
-use switcheroo_sys::{Chain, Family, Op, Redirect};
 
 /// A bound but not yet public instance; see [`Switcheroo::begin`].
 #[derive(Debug)]
@@ -22,6 +19,7 @@ pub struct Takeover {
     mappings: Vec<Mapping>,
     probation: Option<Duration>,
     canary: Option<u8>,
+    moving_from: Option<String>,
 }
 
 /// What [`Takeover::commit`] did.
@@ -63,6 +61,7 @@ impl Takeover {
             mappings,
             probation: None,
             canary: None,
+            moving_from: None,
         }
     }
 
@@ -87,6 +86,16 @@ impl Takeover {
         self
     }
 
+    /// Moves the service from the namespace `old` to this one: the commit also deletes every
+    /// rule of `old` in the same transaction, and `old`'s instances retire as if replaced
+    /// (SIGTERM after their identity check). Without it, a public port that a live
+    /// instance of another namespace serves refuses the commit
+    /// ([`Error::PortHeld`](crate::Error::PortHeld)).
+    pub fn moving_from(mut self, old: impl Into<String>) -> Self {
+        self.moving_from = Some(old.into());
+        self
+    }
+
     /// The internal port of this instance for the (first) public port.
     pub fn port(&self) -> u16 {
         self.mappings[0].internal
@@ -101,132 +110,66 @@ impl Takeover {
     ///
     /// Takes the namespace's commit lock (an nftables table owned by the socket; only a
     /// process with CAP_NET_ADMIN can hold it, and a dead holder releases it), reads the
-    /// generation and this namespace's rules (one dump per chain, filtered in the kernel;
-    /// or, with a [record directory](crate::Builder::record_dir) and an unchanged
-    /// generation, each recorded rule fetched by handle), then sends ONE batch that creates
-    /// the nat table and chains where missing, inserts the new redirect at the head of
-    /// each chain of the routes for each public port (each rule's comment names its own
-    /// internal port), deletes every older rule of the namespace by handle, and
-    /// releases the lock. If the ruleset changed in between, the kernel refuses the batch
-    /// whole; it is recomputed from a fresh read after a short random pause, up to
+    /// switcheroo rules of the nat chains (one dump per chain, filtered in the kernel; or,
+    /// with a [record directory](crate::Builder::record_dir) and an unchanged generation,
+    /// each recorded rule fetched by handle), then sends ONE batch that creates the nat
+    /// table and chains where missing, inserts the new redirect at the head of each chain
+    /// of the routes for each public port (each rule's comment names its own internal
+    /// port), deletes every older rule of the namespace by handle (but the standby a
+    /// probation keeps, or the active and standby a canary keeps), and releases the lock.
+    /// If the ruleset changed in between, the kernel refuses the batch whole; it is
+    /// recomputed from a fresh read after a short random pause, up to
     /// [`crate::Builder::max_attempts`] attempts ([`crate::Error::Conflict`] after that,
     /// with nothing applied).
     ///
-    /// Then each owner of a deleted rule is sent SIGTERM, only if its pid and start time
-    /// match the rule, and never the calling process.
+    /// Then each owner of a deleted rule that has no rule left is sent SIGTERM, only if its
+    /// pid and start time match the rule, and never the calling process; the connections
+    /// conntrack still maps to dead owners' ports are forgotten.
+    ///
+    /// Refused with nothing changed: [`crate::Error::PortHeld`] when a live instance of
+    /// another namespace serves one of the public ports (see [`Takeover::moving_from`]),
+    /// [`crate::Error::CanaryWithoutActive`], [`crate::Error::InvalidCanary`].
     pub fn commit(self) -> Result<Report> {
         let started = Instant::now();
         let sw = &self.sw;
-        let (pid, start) = owner::this_process();
-        let how = match (self.canary, self.probation) {
-            (Some(_), _) => Deploy::Canary,
-            (None, Some(_)) => Deploy::Probation,
-            (None, None) => Deploy::Replace,
+        let me = owner::this_process();
+        let deployment = Deployment {
+            me,
+            mappings: &self.mappings,
+            routes: sw.routes(),
+            canary: self.canary,
+            probation: self.probation.is_some(),
+            moving_from: self.moving_from.as_deref(),
         };
-        let mut redirects = Vec::with_capacity(self.mappings.len());
-        for m in &self.mappings {
-            let comment = Identity {
-                namespace: sw.namespace().to_owned(),
-                port: m.internal,
-                pid,
-                start,
-            }
-            .to_string();
-            let mut redirect = Redirect::new(m.public.number, m.internal, &comment)?
-                .with_protocol(m.public.protocol);
-            if let Some(percent) = self.canary {
-                redirect = redirect
-                    .with_percent(percent)
-                    .map_err(|_| Error::InvalidCanary { percent })?;
-            }
-            redirects.push(redirect);
-        }
-        let routes = sw.routes();
-        let wanted = |chain| routes.has_chain(chain);
-
-        let outcome = sw.with_conn(|conn, recorded| {
-            sw.transaction(recorded, &wanted).run(conn, |snap, batch| {
-                let kept = deploy::kept_by(snap, how);
-                if how == Deploy::Canary {
-                    // Every port and chain the canary enters needs an active to share with.
-                    let all_have_active = Family::ALL.into_iter().all(|f| {
-                        Chain::ALL
-                            .into_iter()
-                            .filter(|c| routes.has_chain(*c))
-                            .all(|c| {
-                                self.mappings
-                                    .iter()
-                                    .all(|m| kept.iter().any(|r| r.group() == (f, c, m.public)))
-                            })
-                    });
-                    if !all_have_active {
-                        return Err(Error::CanaryWithoutActive {
-                            namespace: sw.namespace().to_owned(),
-                        });
-                    }
-                }
-                for family in Family::ALL {
-                    if snap.missing.iter().any(|(f, _)| *f == family) {
-                        batch.push(Op::AddTable(family));
-                    }
-                    for chain in Chain::ALL {
-                        if snap.missing.contains(&(family, chain)) {
-                            batch.push(Op::AddChain(family, chain));
-                        }
-                        if routes.has_chain(chain) {
-                            for redirect in &redirects {
-                                batch.insert_rule(family, chain, redirect.clone());
-                            }
-                        }
-                    }
-                }
-                for rule in snap.ours.iter().filter(|r| !kept.contains(r)) {
-                    let (family, chain, handle) = rule.place();
-                    batch.push(Op::Delete(family, chain, handle));
-                }
-                Ok(())
-            })
+        let changed = sw.registry().transact(Some(sw.routes()), |view| {
+            Ok((plan::deploy(view, &deployment)?, ()))
         })?;
         let elapsed = started.elapsed();
+        let applied = changed.applied;
         let list: Vec<String> = self.mappings.iter().map(Mapping::to_string).collect();
         info!(
-            "namespace {}: {} (pid {pid}); removed {} older rules in {:?} ({} attempts)",
+            "namespace {}: {} (pid {}); removed {} older rules in {:?} ({} attempts)",
             sw.namespace(),
             list.join(", "),
-            outcome.removed.len(),
+            me.0,
+            applied.removed.len(),
             elapsed,
-            outcome.attempts,
+            applied.attempts,
         );
-
-        // The instances that stay (standby, or active below a canary) keep serving: only
-        // owners of deleted rules are told to go.
-        let kept: Vec<Rule> = outcome
+        let kept: Vec<Rule> = applied
             .remaining
-            .iter()
-            .filter(|r| r.pid != Some(pid))
-            .cloned()
+            .into_iter()
+            .filter(|r| r.pid != me.0)
             .collect();
-        let leaving: Vec<Rule> = outcome
-            .removed
-            .iter()
-            .filter(|r| !kept.iter().any(|k| k.pid == r.pid && k.start == r.start))
-            .cloned()
-            .collect();
-        let signalled = terminate_all(owners(&leaving));
-        // A dead owner's connections that its death reset stay in conntrack (CLOSE) mapped
-        // to its port; a client that reuses such a port would follow one to the dead port.
-        if let Err(e) = crate::history::forget_dead_owners(sw, &outcome.removed) {
-            log::warn!("the switch is done, but the connections of dead instances could not be forgotten: {e}");
-        }
         Ok(Report {
             port: self.port(),
             mappings: self.mappings,
-            inserted: outcome.inserted,
-            removed: outcome.removed,
-            signalled,
-            attempts: outcome.attempts,
-            lock_wait: outcome.lock_wait,
-            role: if how == Deploy::Canary {
+            inserted: applied.inserted,
+            removed: applied.removed,
+            signalled: changed.signalled,
+            attempts: applied.attempts,
+            lock_wait: applied.lock_wait,
+            role: if self.canary.is_some() {
                 Role::Canary
             } else {
                 Role::Active

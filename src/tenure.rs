@@ -13,26 +13,26 @@
 //! - its rules are gone: it was replaced or rolled back, and retires.
 //!
 //! No thread, no runtime: [`Tenure::wait`] blocks (together with a [`Shutdown`]), and
-//! [`Tenure::fds`], [`Tenure::deadline`] and [`Tenure::check`] let any event loop drive
-//! it, as [`Drain`](crate::Drain) and [`DrainTracker`](crate::DrainTracker) do.
+//! [`Tenure::fds`], [`Tenure::deadline`] and [`Tenure::poll_change`] let any event loop
+//! drive it, as [`Drain`](crate::Drain) and [`DrainTracker`](crate::DrainTracker) do.
 
 use crate::comment::Identity;
-use crate::history;
-use crate::owner::{self, terminate_all};
+use crate::owner;
+use crate::poll::{self, Source, Token};
+use crate::registry::Registry;
 use crate::role::Role;
-use crate::rule::owners;
-use crate::rule::Rule;
+use crate::rule::{owners, GroupKey, Rule};
 use crate::takeover::Report;
-use crate::transaction;
+use crate::view::View;
 use crate::{Result, Shutdown, Switcheroo};
-use log::{debug, info, warn};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use log::{debug, info};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
-use switcheroo_sys::monitor::{Event, Monitor};
+use switcheroo_sys::monitor::{Monitor, Notification};
 use switcheroo_sys::{Chain, Family, Handle, PidFd};
 
-/// A change of this instance's place, as [`Tenure::check`] and [`Tenure::wait`] report it.
+/// A change of this instance's place, as [`Tenure::poll_change`] and [`Tenure::wait`]
+/// report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// This instance's rules are the head again: the instance above them (pid `after`)
@@ -144,7 +144,7 @@ struct Watched {
 }
 
 /// A standby to retire when the time is up.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Probation {
     standby: Vec<Identity>,
     until: Instant,
@@ -181,9 +181,11 @@ struct Probation {
 /// ```
 #[derive(Debug)]
 pub struct Tenure {
-    sw: Switcheroo,
+    registry: Registry,
     me: Identity,
     monitor: Monitor,
+    /// The group of this instance's first rule: where its place is read.
+    group: GroupKey,
     /// The role of this instance's rules, `None` once they are gone.
     role: Option<Role>,
     /// Where this instance's rules were last seen.
@@ -194,7 +196,14 @@ pub struct Tenure {
     configured: Option<Duration>,
     /// The ruleset changed in a way that concerns the namespace: read it again.
     stale: bool,
+    /// Once the rules are gone: the mark that tells `switcheroo status` this process is
+    /// draining, and since when.
+    retired: Option<crate::instances::Mark>,
 }
+
+/// Tokens of [`Tenure::wait`]'s sources.
+const SHUTDOWN: Token = Token(0);
+const TENURE: Token = Token(1);
 
 impl Tenure {
     /// Starts watching the place of the instance that made `report` (this process) in
@@ -209,7 +218,8 @@ impl Tenure {
             pid,
             start,
         };
-        let monitor = sw.in_netns(Monitor::open)??;
+        let registry = sw.registry().clone();
+        let monitor = registry.in_netns(Monitor::open)??;
         let probation = match (report.role, report.probation) {
             (Role::Active, Some(d)) if !report.kept.is_empty() => Some(Probation {
                 standby: owners(&report.kept),
@@ -225,23 +235,27 @@ impl Tenure {
                 p.standby.iter().map(|id| id.pid).collect::<Vec<_>>()
             );
         }
+        let first = report.inserted.first().ok_or_else(|| {
+            crate::Error::Netlink(switcheroo_sys::Error::Protocol {
+                op: "starting a tenure".into(),
+                why: "the commit's report holds no inserted rule".into(),
+            })
+        })?;
         let mut tenure = Tenure {
-            sw: sw.clone(),
+            registry,
             me,
             monitor,
+            group: first.group(),
             role: Some(report.role),
-            handles: report
-                .inserted
-                .iter()
-                .map(|r| (r.family, r.chain, r.handle))
-                .collect(),
+            handles: report.inserted.iter().map(Rule::place).collect(),
             above: None,
             probation,
             configured: report.probation,
             stale: true,
+            retired: None,
         };
         // The first read only learns the place; a change since the commit is reported
-        // by the next check.
+        // by the next poll.
         if let Some(change) = tenure.refresh()? {
             debug!(
                 "namespace {}: right after the commit: {change:?}",
@@ -263,8 +277,8 @@ impl Tenure {
     }
 
     /// The file descriptors to poll for readability (the notification socket, and the
-    /// pidfd of the instance above, if any); call [`Tenure::check`] when one is readable
-    /// or the [deadline](Tenure::deadline) has passed.
+    /// pidfd of the instance above, if any); call [`Tenure::poll_change`] when one is
+    /// readable or the [deadline](Tenure::deadline) has passed.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         let mut fds = vec![self.monitor.as_fd()];
         if let Some(above) = &self.above {
@@ -276,10 +290,10 @@ impl Tenure {
     /// Handles whatever is ready, without blocking: notifications, the death of the
     /// instance above, the end of the probation. Returns one change at a time; call again
     /// until it returns `None`.
-    pub fn check(&mut self) -> Result<Option<Change>> {
-        self.drain_notifications()?;
+    pub fn poll_change(&mut self) -> Result<Option<Change>> {
+        self.drain_notifications();
         if let Some(above) = &self.above {
-            if readable(above.fd.as_fd()) {
+            if poll::readable_now(above.fd.as_fd()) {
                 debug!(
                     "namespace {}: pid {} above this instance exited",
                     self.me.namespace, above.id.pid
@@ -307,23 +321,18 @@ impl Tenure {
             if let Some(signal) = shutdown.try_take() {
                 return Ok(Wake::Signal(signal));
             }
-            if let Some(change) = self.check()? {
+            if let Some(change) = self.poll_change()? {
                 return Ok(Wake::Change(change));
             }
-            let timeout = match self.deadline() {
-                None => PollTimeout::NONE,
-                Some(until) => {
-                    let left = until.saturating_duration_since(Instant::now());
-                    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-                }
-            };
-            let mut fds: Vec<PollFd<'_>> = std::iter::once(shutdown.as_fd())
-                .chain(self.fds())
-                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
-                .collect();
-            // EINTR or a spurious wake-up: look again.
-            let _ = poll(&mut fds, timeout);
+            let mut sources = vec![Source::readable(SHUTDOWN, shutdown.as_fd())];
+            sources.extend(
+                self.fds()
+                    .into_iter()
+                    .map(|fd| Source::readable(TENURE, fd)),
+            );
+            // Whatever woke it (or an error of poll(2) itself, which only a signal or an
+            // exhausted kernel cause), the loop looks again.
+            let _ = poll::wait(&sources, self.deadline());
         }
     }
 
@@ -371,36 +380,48 @@ impl Tenure {
     /// rules were gone already (a deployer or a rollback deletes them before it sends
     /// SIGTERM), says by what, as [`Change::Removed`] would.
     pub fn resign(&mut self) -> Result<Resignation> {
-        let me = self.me.clone();
-        let outcome = history::remove(&self.sw, |r| r.owned_by(&me))?;
-        let rules = outcome.removed.iter().filter(|r| r.owned_by(&me)).count();
+        let changed = self.registry.resign(&self.me)?;
+        let applied = changed.applied;
+        let rules = applied
+            .removed
+            .iter()
+            .filter(|r| r.owned_by(&self.me))
+            .count();
         let resignation = if rules > 0 {
             info!(
                 "namespace {}: pid {} left the chain ({rules} rules)",
-                me.namespace, me.pid
+                self.me.namespace, self.me.pid
             );
             Resignation::Left { rules }
         } else {
-            let (rolled_back, serving) = self.fate(&outcome.remaining);
+            let (rolled_back, serving) = fate(&applied.after, self.group, &self.handles);
             Resignation::AlreadyRemoved {
                 rolled_back,
                 serving,
             }
         };
-        self.role = None;
-        self.probation = None;
-        self.above = None;
+        self.leave();
         Ok(resignation)
     }
 
+    /// The rules are gone: no place, no watch, no probation; and the mark for `status`.
+    fn leave(&mut self) {
+        self.role = None;
+        self.probation = None;
+        self.above = None;
+        if self.retired.is_none() {
+            self.retired = crate::instances::Mark::retired(&self.registry, &self.me);
+        }
+    }
+
     /// Reads what is pending on the notification socket; anything about the namespace's
-    /// rules (or lost notifications) makes the next check read the ruleset.
-    fn drain_notifications(&mut self) -> Result<()> {
+    /// rules (or lost notifications) makes the next poll read the ruleset.
+    fn drain_notifications(&mut self) {
         loop {
             match self.monitor.next(Some(Duration::ZERO)) {
-                Ok(None) => return Ok(()),
-                Ok(Some(event)) => {
-                    if self.concerns(&event) {
+                Ok(None) => return,
+                Ok(Some(notification)) => {
+                    if concerns(&notification, &self.me.namespace) {
                         self.stale = true;
                     }
                 }
@@ -408,75 +429,65 @@ impl Tenure {
                     // ENOBUFS: notifications were lost; the ruleset tells the truth.
                     debug!("namespace {}: notifications: {e}", self.me.namespace);
                     self.stale = true;
-                    return Ok(());
+                    return;
                 }
             }
         }
     }
 
-    fn concerns(&self, event: &Event) -> bool {
-        let ours = |entry: &switcheroo_sys::RuleEntry| {
-            entry.redirect.as_ref().is_some_and(|r| {
-                crate::comment::Identity::parse(&r.comment)
-                    .is_some_and(|id| id.namespace == self.me.namespace)
-            })
-        };
-        match event {
-            Event::NewRule(entry) | Event::DelRule(entry) => ours(entry),
-            Event::DelTable(_, name) => name == switcheroo_sys::TABLE,
-            _ => false,
-        }
-    }
-
-    /// Reads the namespace's rules and acts on what they say.
+    /// Reads the chains and acts on what they say of this instance's place.
     fn refresh(&mut self) -> Result<Option<Change>> {
         self.stale = false;
         loop {
-            let rules = self.sw.with_conn(|conn, recorded| {
-                Ok(transaction::read(
-                    conn,
-                    Some(self.sw.namespace()),
-                    self.sw.max_attempts(),
-                    recorded,
-                )?
-                .ours)
-            })?;
-            let mine: Vec<&Rule> = rules.iter().filter(|r| r.owned_by(&self.me)).collect();
-            let Some(first) = mine.first() else {
-                return Ok(self.removed(&rules));
-            };
-            // The instance directly above, among the rules for the public port and chain of
-            // this instance's first rule (all its ports move together).
-            let chain: Vec<&Rule> = rules
-                .iter()
-                .filter(|r| r.group() == first.group())
-                .collect();
-            let position = chain.iter().position(|r| r.owned_by(&self.me)).unwrap_or(0);
-            let over = &chain[..position];
-            if over.iter().any(|r| !r.alive) {
-                // The instance above died: its rules go, and this one moves up.
-                let gone = history::remove(&self.sw, |_| false)?.removed;
-                info!(
-                    "namespace {}: removed {} rules of dead instances above pid {}",
-                    self.me.namespace,
-                    gone.len(),
-                    self.me.pid
-                );
-                continue;
-            }
-            self.handles = mine.iter().map(|r| (r.family, r.chain, r.handle)).collect();
-            let role = first.role;
-            let above = over.last().and_then(|r| r.identity());
-            let before = (self.role, self.above.as_ref().map(|w| w.id.clone()));
-            if above != before.1 {
-                self.watch(above.clone());
-                if self.above.is_none() && above.is_some() {
-                    // It exited between the read and the pidfd: read again.
-                    continue;
+            let rules = self.registry.read()?;
+            let view = View::new(&self.me.namespace, &rules);
+            match place(&view, &self.me) {
+                Place::Gone => {
+                    if self.role.is_none() {
+                        return Ok(None);
+                    }
+                    let (rolled_back, serving) = fate(&rules, self.group, &self.handles);
+                    self.leave();
+                    return Ok(Some(Change::Removed {
+                        rolled_back,
+                        serving,
+                    }));
+                }
+                Place::BelowDead => {
+                    // The instance above died: its rules go, and this one moves up.
+                    let gone = self.registry.remove_dead()?.applied.removed;
+                    info!(
+                        "namespace {}: removed {} rules of dead instances above pid {}",
+                        self.me.namespace,
+                        gone.len(),
+                        self.me.pid
+                    );
+                }
+                Place::At {
+                    role,
+                    above,
+                    below,
+                    handles,
+                    group,
+                } => {
+                    self.handles = handles;
+                    self.group = group;
+                    let before_above = self.above.as_ref().map(|w| w.id.clone());
+                    if above != before_above {
+                        self.watch(above.clone());
+                        if self.above.is_none() && above.is_some() {
+                            // It exited between the read and the pidfd: read again.
+                            continue;
+                        }
+                    }
+                    let before = self.role.replace(role);
+                    let change = change(before, before_above.as_ref(), role, above.as_ref());
+                    if change == Some(Change::Promoted) {
+                        self.probation = promoted_probation(self.configured, below);
+                    }
+                    return Ok(change);
                 }
             }
-            self.role = Some(role);
-            return Ok(self.changed(before, role, above, &chain, position));
         }
     }
 
@@ -490,87 +501,8 @@ impl Tenure {
         });
     }
 
-    /// What a read says changed, and what follows from it.
-    fn changed(
-        &mut self,
-        (old_role, old_above): (Option<Role>, Option<Identity>),
-        role: Role,
-        above: Option<Identity>,
-        chain: &[&Rule],
-        position: usize,
-    ) -> Option<Change> {
-        if old_role == Some(Role::Canary) && role == Role::Active {
-            // Promoted: the standby below is the previous active, whose fate is this
-            // instance's probation.
-            let below: Vec<Identity> = chain[position + 1..]
-                .iter()
-                .filter(|r| r.alive && r.weight.is_none())
-                .take(1)
-                .filter_map(|r| r.identity())
-                .collect();
-            match self.configured {
-                Some(d) if !below.is_empty() => {
-                    self.probation = Some(Probation {
-                        standby: below,
-                        until: Instant::now() + d,
-                    })
-                }
-                _ if !below.is_empty() => {
-                    self.probation = Some(Probation {
-                        standby: below,
-                        until: Instant::now(),
-                    })
-                }
-                _ => {}
-            }
-            return Some(Change::Promoted);
-        }
-        match (&above, &old_above) {
-            (None, Some(old)) => Some(Change::Active {
-                after: Some(old.pid),
-            }),
-            (Some(new), old) if Some(new) != old.as_ref() => Some(Change::Below {
-                role,
-                above: new.pid,
-            }),
-            _ if Some(role) != old_role => match above {
-                Some(a) => Some(Change::Below { role, above: a.pid }),
-                None => Some(Change::Active { after: None }),
-            },
-            _ => None,
-        }
-    }
-
-    /// This instance's rules are gone: by whom.
-    fn removed(&mut self, rules: &[Rule]) -> Option<Change> {
-        self.role.take()?;
-        self.above = None;
-        self.probation = None;
-        let (rolled_back, serving) = self.fate(rules);
-        Some(Change::Removed {
-            rolled_back,
-            serving,
-        })
-    }
-
-    /// With this instance's rules gone from `rules`: whether it was rolled back, and who
-    /// gets new connections now.
-    fn fate(&self, rules: &[Rule]) -> (bool, Option<u32>) {
-        let serving = rules.iter().find(|r| r.alive && r.weight.is_none());
-        // Handles only grow: a head with a smaller handle than ours had in the same chain
-        // is older than this instance, so this instance was rolled back.
-        let rolled_back = serving.is_some_and(|s| {
-            self.handles
-                .iter()
-                .any(|(f, c, h)| (s.family, s.chain) == (*f, *c) && s.handle < *h)
-        });
-        (rolled_back, serving.and_then(|r| r.pid))
-    }
-
     fn end_probation(&mut self, standby: &[Identity]) -> Result<Change> {
-        let removed =
-            history::remove(&self.sw, |r| standby.iter().any(|id| r.owned_by(id)))?.removed;
-        let retired = terminate_all(owners(&removed));
+        let retired = self.registry.end_probation(standby)?.signalled;
         info!(
             "namespace {}: probation over; retired {retired:?}",
             self.me.namespace
@@ -580,14 +512,330 @@ impl Tenure {
     }
 }
 
-/// Whether `fd` is readable now.
-fn readable(fd: BorrowedFd<'_>) -> bool {
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(n) => n > 0,
-        Err(e) => {
-            warn!("poll: {e}");
-            false
+/// Whether a notification can concern `namespace`'s rules (or lost track of them).
+fn concerns(notification: &Notification, namespace: &str) -> bool {
+    let ours = |entry: &switcheroo_sys::RuleEntry| {
+        entry.redirect.as_ref().is_some_and(|r| {
+            Identity::parse(&r.comment).is_some_and(|id| id.namespace == namespace)
+        })
+    };
+    match notification {
+        Notification::NewRule(entry) | Notification::DelRule(entry) => ours(entry),
+        Notification::DelTable(_, name) => name == switcheroo_sys::TABLE,
+        _ => false,
+    }
+}
+
+/// Where an instance stands, read from a view of its namespace.
+#[derive(Debug, Clone, PartialEq)]
+enum Place {
+    /// Its rules are gone.
+    Gone,
+    /// A rule of a dead owner is above it: that rule must go first (it takes the
+    /// connections this instance should get, and refuses them).
+    BelowDead,
+    /// In the chain, in `role`, below the instance `above` (none: it is the head).
+    At {
+        role: Role,
+        above: Option<Identity>,
+        /// The first live plain rule of another instance below it: the standby of a
+        /// promotion.
+        below: Option<Identity>,
+        handles: Vec<(Family, Chain, Handle)>,
+        group: GroupKey,
+    },
+}
+
+/// The place of `me` in `view`, read in the group of its first rule (all its ports move
+/// together).
+fn place(view: &View<'_>, me: &Identity) -> Place {
+    let mine = view.owned_by(me);
+    let Some(first) = mine.first() else {
+        return Place::Gone;
+    };
+    let Some(group) = view.group(first.group()) else {
+        return Place::Gone;
+    };
+    let position = group.rules.iter().position(|r| r.owned_by(me)).unwrap_or(0);
+    let over = &group.rules[..position];
+    if over.iter().any(|r| !r.alive) {
+        return Place::BelowDead;
+    }
+    let below = group.rules[position + 1..]
+        .iter()
+        .find(|r| r.alive && r.is_plain() && !r.owned_by(me))
+        .map(|r| r.identity());
+    Place::At {
+        role: first.role,
+        above: over.last().map(|r| r.identity()),
+        below,
+        handles: mine.iter().map(|r| r.place()).collect(),
+        group: first.group(),
+    }
+}
+
+/// What changed between the place before (`before` role and the instance `before_above`)
+/// and now.
+fn change(
+    before: Option<Role>,
+    before_above: Option<&Identity>,
+    role: Role,
+    above: Option<&Identity>,
+) -> Option<Change> {
+    if before == Some(Role::Canary) && role == Role::Active {
+        return Some(Change::Promoted);
+    }
+    match (above, before_above) {
+        (None, Some(old)) => Some(Change::Active {
+            after: Some(old.pid),
+        }),
+        (Some(new), old) if Some(new) != old => Some(Change::Below {
+            role,
+            above: new.pid,
+        }),
+        _ if Some(role) != before => match above {
+            Some(a) => Some(Change::Below { role, above: a.pid }),
+            None => Some(Change::Active { after: None }),
+        },
+        _ => None,
+    }
+}
+
+/// The probation a promoted canary starts: the standby below it retires after the
+/// probation asked for at the commit, or at once without one.
+fn promoted_probation(configured: Option<Duration>, below: Option<Identity>) -> Option<Probation> {
+    let standby = below?;
+    Some(Probation {
+        standby: vec![standby],
+        until: Instant::now() + configured.unwrap_or_default(),
+    })
+}
+
+/// With an instance's rules gone from `rules` (every switcheroo rule of the chains): whether
+/// it was rolled back, and who gets new connections now in its group (`group`, of any
+/// namespace: a move hands the port to another name). Handles only grow: a head with a
+/// smaller handle than the instance had in the same chain is older, so the instance was
+/// rolled back.
+fn fate(
+    rules: &[Rule],
+    group: GroupKey,
+    handles: &[(Family, Chain, Handle)],
+) -> (bool, Option<u32>) {
+    let serving = rules
+        .iter()
+        .find(|r| r.group() == group && r.alive && r.is_plain());
+    let rolled_back = serving.is_some_and(|s| {
+        handles
+            .iter()
+            .any(|(f, c, h)| (s.family, s.chain) == (*f, *c) && s.handle < *h)
+    });
+    (rolled_back, serving.map(|r| r.pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::fixture::*;
+    use switcheroo_sys::Protocol;
+
+    fn at(rules: &[Rule], me: u32) -> Place {
+        place(&View::new("web", rules), &id("web", me))
+    }
+
+    fn role_and_above(p: &Place) -> (Role, Option<u32>, Option<u32>) {
+        match p {
+            Place::At {
+                role, above, below, ..
+            } => (
+                *role,
+                above.as_ref().map(|a| a.pid),
+                below.as_ref().map(|b| b.pid),
+            ),
+            other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_instance_reads_its_role_and_the_instances_around_it() {
+        // (rules, me) -> (role, pid above, pid below)
+        type Row = (Vec<R>, u32, (Role, Option<u32>, Option<u32>));
+        let table: Vec<Row> = vec![
+            (vec![r("web", 3)], 3, (Role::Active, None, None)),
+            (
+                vec![r("web", 4), r("web", 3)],
+                3,
+                (Role::Standby, Some(4), None),
+            ),
+            (
+                vec![r("web", 4), r("web", 3)],
+                4,
+                (Role::Active, None, Some(3)),
+            ),
+            (
+                vec![r("web", 5).canary(10.0), r("web", 4)],
+                4,
+                (Role::Active, Some(5), None),
+            ),
+            (
+                vec![r("web", 5).canary(10.0), r("web", 4), r("web", 3)],
+                5,
+                (Role::Canary, None, Some(4)),
+            ),
+            (
+                vec![r("api", 9), r("web", 4)],
+                4,
+                (Role::Active, None, None),
+            ),
+        ];
+        for (rules, me, expected) in table {
+            let rules = everywhere(rules.clone());
+            assert_eq!(
+                role_and_above(&at(&rules, me)),
+                expected,
+                "{me} in {rules:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dead_instance_above_must_go_first_and_a_missing_rule_means_gone() {
+        let rules = everywhere(vec![r("web", 4).dead(), r("web", 3)]);
+        assert_eq!(at(&rules, 3), Place::BelowDead);
+        let below_dead = everywhere(vec![r("web", 4), r("web", 3).dead()]);
+        assert_eq!(role_and_above(&at(&below_dead, 4)).0, Role::Active);
+        assert_eq!(at(&rules, 7), Place::Gone);
+    }
+
+    #[test]
+    fn each_move_of_the_place_is_one_change() {
+        let a = |pid| id("web", pid);
+        use Change::*;
+        // (role before, above before, role now, above now) -> change
+        type Row = (
+            Option<Role>,
+            Option<Identity>,
+            Role,
+            Option<Identity>,
+            Option<Change>,
+        );
+        let table: Vec<Row> = vec![
+            (Some(Role::Active), None, Role::Active, None, None),
+            (
+                Some(Role::Active),
+                None,
+                Role::Standby,
+                Some(a(5)),
+                Some(Below {
+                    role: Role::Standby,
+                    above: 5,
+                }),
+            ),
+            (
+                Some(Role::Standby),
+                Some(a(5)),
+                Role::Active,
+                None,
+                Some(Active { after: Some(5) }),
+            ),
+            (
+                Some(Role::Standby),
+                Some(a(5)),
+                Role::Standby,
+                Some(a(6)),
+                Some(Below {
+                    role: Role::Standby,
+                    above: 6,
+                }),
+            ),
+            (Some(Role::Canary), None, Role::Active, None, Some(Promoted)),
+            (
+                Some(Role::Active),
+                None,
+                Role::Active,
+                Some(a(7)),
+                Some(Below {
+                    role: Role::Active,
+                    above: 7,
+                }),
+            ),
+            (
+                Some(Role::Standby),
+                Some(a(5)),
+                Role::Standby,
+                Some(a(5)),
+                None,
+            ),
+            (None, None, Role::Active, None, Some(Active { after: None })),
+        ];
+        for (role_before, above_before, role, above, expected) in table {
+            assert_eq!(
+                change(role_before, above_before.as_ref(), role, above.as_ref()),
+                expected,
+                "{role_before:?} below {above_before:?} -> {role} below {above:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_promotion_retires_the_standby_after_the_probation_or_at_once() {
+        let before = Instant::now();
+        let p = promoted_probation(Some(Duration::from_secs(60)), Some(id("web", 3))).unwrap();
+        assert_eq!(p.standby, [id("web", 3)]);
+        assert!(p.until >= before + Duration::from_secs(60));
+        let at_once = promoted_probation(None, Some(id("web", 3))).unwrap();
+        assert!(at_once.until <= Instant::now());
+        assert_eq!(
+            promoted_probation(Some(Duration::from_secs(60)), None),
+            None
+        );
+    }
+
+    #[test]
+    fn a_removed_instance_learns_whether_it_was_rolled_back_and_who_serves() {
+        // The handles of pid 4's rules (fixture: the top rule of a chain of n has 100 + n).
+        let mine = everywhere(vec![r("web", 4), r("web", 3)]);
+        let handles: Vec<_> = mine
+            .iter()
+            .filter(|r| r.pid == 4)
+            .map(Rule::place)
+            .collect();
+        let group = mine[0].group();
+        // Rolled back: the older instance (a smaller handle) serves again.
+        let back = everywhere(vec![r("web", 3)]);
+        assert_eq!(fate(&back, group, &handles), (true, Some(3)));
+        // Replaced: a newer instance (handles grow) on top.
+        let newer = everywhere(vec![r("web", 6), r("web", 5), r("web", 4), r("web", 3)]);
+        let replaced: Vec<Rule> = newer
+            .into_iter()
+            .filter(|r| r.pid != 4 && r.pid != 3 && r.pid != 5)
+            .collect();
+        assert_eq!(fate(&replaced, group, &handles), (false, Some(6)));
+        // Moved to another namespace: it serves the same group now.
+        let moved = everywhere(vec![r("api", 8), r("x", 1), r("x", 2)]);
+        let moved: Vec<Rule> = moved.into_iter().filter(|r| r.namespace == "api").collect();
+        let (_, serving) = fate(&moved, group, &handles);
+        assert_eq!(serving, Some(8));
+        assert_eq!(fate(&[], group, &handles), (false, None));
+        // Another port's rules say nothing of this group.
+        let other = everywhere(vec![r("web", 9).port(Protocol::Udp, 8080)]);
+        assert_eq!(fate(&other, group, &handles), (false, None));
+    }
+
+    #[test]
+    fn notifications_about_other_namespaces_are_ignored() {
+        use switcheroo_sys::Redirect;
+        let entry = |comment: &str| switcheroo_sys::RuleEntry {
+            family: Family::Ipv4,
+            chain: Chain::Output,
+            handle: Handle::for_tests(1),
+            redirect: Some(Redirect::new(8080, 40400, comment).unwrap()),
+        };
+        let web = entry("SWITCHEROO:ns=web:port=40400:pid=1:start=1");
+        let api = entry("SWITCHEROO:ns=api:port=40400:pid=1:start=1");
+        assert!(concerns(&Notification::NewRule(web.clone()), "web"));
+        assert!(concerns(&Notification::DelRule(web), "web"));
+        assert!(!concerns(&Notification::NewRule(api), "web"));
+        assert!(concerns(&Notification::DelTable(2, "nat".into()), "web"));
+        assert!(!concerns(&Notification::NewGen, "web"));
     }
 }

@@ -288,12 +288,12 @@ fn a_server_that_is_not_ready_switches_nothing() {
     );
     assert_eq!(ns.rule_lines(), before);
 
-    // Bad input: exit 1 (switcheroo's own error) or 2 (arguments), ruleset untouched.
+    // Bad input of any kind: exit 2 before anything starts, ruleset untouched.
     let (status, output) = run_to_end(
         &ns,
         &["--port", "8080", "--range", "8000-9000", "--", "true"],
     );
-    assert_eq!(status.code(), Some(1), "{output}");
+    assert_eq!(status.code(), Some(2), "{output}");
     assert!(
         output.contains("inside the internal port range"),
         "{output}"
@@ -301,7 +301,7 @@ fn a_server_that_is_not_ready_switches_nothing() {
     let (status, output) = run_to_end(&ns, &["--port", "8080", "--ready", "tcp", "--", "true"]);
     assert_eq!(status.code(), Some(2), "{output}");
     assert!(
-        output.contains("expected notify, http:/PATH or delay:DURATION"),
+        output.contains("expected notify, http:/PATH, https:/PATH or delay:DURATION"),
         "{output}"
     );
     assert_eq!(ns.rule_lines(), before);
@@ -406,7 +406,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
         ],
     );
 
-    let out = switcheroo(&ns, &["status"]);
+    let out = switcheroo(&ns, &["status", "--rules"]);
     assert!(out.status.success(), "{}", text(&out));
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     let rows: Vec<&str> = table.lines().collect();
@@ -437,10 +437,15 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
     let out = switcheroo(&ns, &["status", "--json", "--namespace", "beta"]);
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        json.starts_with("{\"rules\":[{\"namespace\":\"beta\""),
+        json.starts_with("{\"instances\":[{\"namespace\":\"beta\""),
         "{json}"
     );
-    assert_eq!(json.matches("\"namespace\":").count(), 2, "{json}");
+    assert!(
+        json.contains("\"rules\":[{\"namespace\":\"beta\""),
+        "{json}"
+    );
+    // One instance, two rules (OUTPUT of both families).
+    assert_eq!(json.matches("\"namespace\":").count(), 3, "{json}");
     assert!(
         json.contains("\"family\":\"ip\",\"chain\":\"OUTPUT\""),
         "{json}"
@@ -460,7 +465,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
     // A wrapper killed outright: its rules stay and show their owner dead.
     let _ = a.child.kill();
     let _ = a.child.wait();
-    let out = switcheroo(&ns, &["status", "-n", "alpha"]);
+    let out = switcheroo(&ns, &["status", "--rules", "-n", "alpha"]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         table
@@ -489,7 +494,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
         "removed 0 rules of namespace alpha"
     );
     let out = switcheroo(&ns, &["cleanup", "--namespace", "no:colons"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("no:colons"), "{}", text(&out));
     assert!(b.terminate().expect("exits").success(), "{:?}", b.log);
 }
@@ -598,11 +603,12 @@ fn the_command_and_the_library_run_in_a_bare_chroot() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", text(&status));
+    // One instance, four rules.
     assert_eq!(
         String::from_utf8_lossy(&status.stdout)
             .matches("\"namespace\":\"jail\"")
             .count(),
-        4
+        5
     );
 
     // The library alone (hello switching itself) replaces the wrapped instance.
@@ -757,10 +763,15 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     assert!(samples.iter().all(|s| s.result.is_ok() || s.done >= killed));
     let out = switcheroo(&ns, &["status", "--json", "-n", "web"]);
     let json = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(json.matches("\"role\":\"active\"").count(), 4, "{json}");
+    // One instance, active in its four rules.
+    assert_eq!(
+        json.matches("\"alive\":true,\"role\":\"active\"").count(),
+        4,
+        "{json}"
+    );
     assert_eq!(
         json.matches(&format!("\"pid\":{}", old.pid)).count(),
-        4,
+        6,
         "{json}"
     );
 }
@@ -884,7 +895,8 @@ fn rollback_canary_and_promote_through_the_command() {
         4,
         "{json}"
     );
-    let table = String::from_utf8_lossy(&switcheroo(&ns, &["status"]).stdout).into_owned();
+    let table =
+        String::from_utf8_lossy(&switcheroo(&ns, &["status", "--rules"]).stdout).into_owned();
     assert!(table.contains("canary 25%"), "{table}");
     let out = switcheroo(&ns, &["promote", "-n", "web"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -975,7 +987,7 @@ fn a_python_udp_server_under_run_is_redeployed_under_load_without_a_lost_reply()
                 .contains("-A PREROUTING -p tcp -m tcp --dport 5353 -m addrtype --dst-type LOCAL"),
         "{rules}"
     );
-    let out = switcheroo(&ns, &["status", "-n", "dns"]);
+    let out = switcheroo(&ns, &["status", "--rules", "-n", "dns"]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
         table.lines().filter(|l| l.contains(" udp ")).count(),

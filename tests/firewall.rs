@@ -19,8 +19,9 @@ fn firewall_file(name: &str) -> String {
     format!("{}/tests/firewalls/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `switcheroo check` for the service `hello` (the namespace `hello` deploys in) on 8080.
 fn check(ns: &Netns) -> (Output, String) {
-    let out = ns.exec(&[BIN, "check", "-p", "8080"]);
+    let out = ns.exec(&[BIN, "check", "-n", "hello", "-p", "8080"]);
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out, text)

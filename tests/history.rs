@@ -35,10 +35,7 @@ fn rules(ns: &Netns, namespace: &str) -> Vec<Rule> {
 
 /// (pid, role) of every rule, `dead` folded into the role name.
 fn roles(rules: &[Rule]) -> Vec<(u32, String)> {
-    rules
-        .iter()
-        .map(|r| (r.pid.unwrap_or(0), r.role_name()))
-        .collect()
+    rules.iter().map(|r| (r.pid, r.role_name())).collect()
 }
 
 fn kill9(pid: u32) {
@@ -174,7 +171,7 @@ fn rollback_and_promote_under_load_fail_nothing() {
     a.line("place below pid=");
     std::thread::sleep(Duration::from_millis(300));
     let rolled = ns.enter(|| switcheroo::rollback("hello")).unwrap();
-    assert_eq!((rolled.from, rolled.serving), (Some(b.pid), Some(a.pid)));
+    assert_eq!((rolled.from, rolled.serving), (b.pid, Some(a.pid)));
     b.expect_clean_exit("the rolled-back instance");
     assert!(
         b.log.iter().any(|l| l.starts_with("retiring (rolled back")),
@@ -309,7 +306,7 @@ fn eight_concurrent_deploys_with_probation_leave_one_active_and_one_standby() {
         assert_eq!(here.len(), count(Role::Active) + count(Role::Standby));
         assert!(here.iter().all(|r| r.alive));
     }
-    let owners: std::collections::BTreeSet<u32> = rules.iter().filter_map(|r| r.pid).collect();
+    let owners: std::collections::BTreeSet<u32> = rules.iter().map(|r| r.pid).collect();
     let running: std::collections::BTreeSet<u32> =
         all.iter().filter(|h| alive(h)).map(|h| h.pid).collect();
     assert_eq!(
@@ -350,7 +347,7 @@ fn a_killed_standby_leaves_dead_rules_that_the_next_transaction_removes() {
     );
     // A rollback removes the canary, and A's dead rules with it.
     let rolled = ns.enter(|| switcheroo::rollback("hello")).unwrap();
-    assert_eq!((rolled.from, rolled.serving), (Some(c.pid), Some(b.pid)));
+    assert_eq!((rolled.from, rolled.serving), (c.pid, Some(b.pid)));
     assert_eq!(
         rolled.removed.len(),
         8,
@@ -366,7 +363,7 @@ fn a_killed_standby_leaves_dead_rules_that_the_next_transaction_removes() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(rules(&ns, "hello")
         .iter()
-        .any(|r| r.pid == Some(b.pid) && !r.alive));
+        .any(|r| r.pid == b.pid && !r.alive));
     // A rollback has nothing live to go back to and changes nothing...
     let before = ns.rule_lines();
     let err = ns.enter(|| switcheroo::rollback("hello")).unwrap_err();

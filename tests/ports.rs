@@ -281,13 +281,13 @@ fn a_probation_keeps_and_hands_back_every_port_of_the_previous_instance() {
     });
     let standby: Vec<String> = rules
         .iter()
-        .filter(|r| r.pid == Some(v0.pid))
+        .filter(|r| r.pid == v0.pid)
         .map(|r| format!("{} {} {}", r.family, r.chain, r.public()))
         .collect();
     assert_eq!(standby.len(), 8, "{rules:#?}");
     assert!(
         rules.iter().all(|r| r.role
-            == if r.pid == Some(v0.pid) {
+            == if r.pid == v0.pid {
                 Role::Standby
             } else {
                 Role::Active

@@ -468,7 +468,7 @@ fn a_crash_before_commit_leaves_nothing_and_after_commit_is_replaced() {
     });
     assert_eq!(rules.len(), 4);
     assert!(
-        rules.iter().all(|r| r.pid == Some(second.pid) && !r.alive),
+        rules.iter().all(|r| r.pid == second.pid && !r.alive),
         "{rules:?}"
     );
     let third = ns.hello(&[]);
@@ -921,7 +921,8 @@ fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
                 let mut conn = Conn::open().unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     let event = monitor.next(Some(Duration::from_millis(50))).unwrap();
-                    let Some(switcheroo_sys::monitor::Event::NewTable(_, name)) = event else {
+                    let Some(switcheroo_sys::monitor::Notification::NewTable(_, name)) = event
+                    else {
                         continue;
                     };
                     if name != "switcheroo-lock-flushed" {

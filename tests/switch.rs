@@ -317,7 +317,7 @@ fn rules_and_cleanup_through_the_library() {
                     "lib",
                     8080,
                     hello.port,
-                    Some(hello.pid),
+                    hello.pid,
                     Some(start_time(hello.pid)),
                     true
                 ),
@@ -446,7 +446,7 @@ fn a_services_check_looks_at_its_own_network_namespace() {
             .build()
             .unwrap()
     });
-    let findings = sw.check().unwrap();
+    let findings = sw.diagnose().unwrap();
     let blockers: Vec<_> = switcheroo::check::blockers(&findings).collect();
     assert_eq!(blockers.len(), 1, "{findings:#?}");
     assert!(

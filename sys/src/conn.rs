@@ -386,7 +386,7 @@ impl Conn {
     /// Sends `batch` without its end message: the kernel checks every operation as it
     /// would for [`Conn::apply`], answers each, then aborts the transaction (the way
     /// `nft --check` works). Nothing is applied, whatever the outcome.
-    pub fn check(&mut self, batch: &Batch) -> Result<(), Error> {
+    pub fn dry_run(&mut self, batch: &Batch) -> Result<(), Error> {
         self.send_batch(batch, false).map(drop)
     }
 
@@ -485,7 +485,7 @@ impl Conn {
     /// nft_compat's own query (`NFNL_MSG_COMPAT_GET`, as iptables-nft does before it uses
     /// one); then a batch that creates a nat base chain of a name of its own in the nat
     /// table and inserts the rule there is sent without its end message, so the kernel
-    /// checks every step and aborts (see [`Conn::check`]).
+    /// checks every step and aborts (see [`Conn::dry_run`]).
     ///
     /// `Ok(())`: nothing is missing, so an ENOENT on a write of the same rule means that a
     /// table or chain it named was deleted meanwhile. [`Error::Unsupported`] names the

@@ -34,10 +34,14 @@ mod cta {
     pub const TUPLE_PROTO: u16 = 2;
     pub const PROTO_NUM: u16 = 1;
     pub const PROTO_SRC_PORT: u16 = 2;
+    pub const PROTO_DST_PORT: u16 = 3;
 
+    pub const FILTER_ORIG_FLAGS: u16 = 1;
     pub const FILTER_REPLY_FLAGS: u16 = 2;
     /// `CTA_FILTER_F_CTA_PROTO_NUM | CTA_FILTER_F_CTA_PROTO_SRC_PORT` (`nf_internals.h`).
     pub const FILTER_PROTO_NUM_SRC_PORT: u32 = (1 << 3) | (1 << 4);
+    /// `CTA_FILTER_F_CTA_PROTO_NUM | CTA_FILTER_F_CTA_PROTO_DST_PORT`.
+    pub const FILTER_PROTO_NUM_DST_PORT: u32 = (1 << 3) | (1 << 5);
 }
 
 const CT: u16 = (libc::NFNL_SUBSYS_CTNETLINK as u16) << 8;
@@ -51,6 +55,8 @@ pub struct Entry {
     pub protocol: Protocol,
     /// The source port of the reply direction: the port the connection was redirected to.
     pub reply_port: u16,
+    /// The destination port of the original direction: the port the client asked for.
+    pub orig_port: u16,
     /// For TCP, conntrack's state of the connection (`TCP_CONNTRACK_*`: 3 established,
     /// 7 TIME_WAIT, 8 CLOSE, ...).
     pub tcp_state: Option<u8>,
@@ -68,6 +74,9 @@ pub struct Entry {
 
 /// `IPS_ASSURED` (`linux/netfilter/nf_conntrack_common.h`).
 const IPS_ASSURED: u32 = 1 << 2;
+/// `TCP_CONNTRACK_TIME_WAIT` and `TCP_CONNTRACK_CLOSE` (`nf_conntrack_tcp.h`).
+const TCP_CONNTRACK_TIME_WAIT: u8 = 7;
+const TCP_CONNTRACK_CLOSE: u8 = 8;
 
 impl Entry {
     /// Whether conntrack has seen traffic both ways long enough to call the flow assured
@@ -75,6 +84,15 @@ impl Entry {
     /// `nf_conntrack_udp_timeout_stream`).
     pub fn assured(&self) -> bool {
         self.status & IPS_ASSURED != 0
+    }
+
+    /// Whether the entry stands for a connection or flow that still carries traffic: any
+    /// UDP flow, a TCP connection in any state but TIME_WAIT and CLOSE.
+    pub fn is_open(&self) -> bool {
+        !matches!(
+            self.tcp_state,
+            Some(TCP_CONNTRACK_TIME_WAIT | TCP_CONNTRACK_CLOSE)
+        )
     }
 }
 
@@ -90,9 +108,48 @@ impl Conn {
         port: u16,
     ) -> Result<Vec<Entry>, Error> {
         let op = || format!("dumping the {family} conntrack entries redirected to port {port}");
+        self.conntrack_dump(&op, family, protocol, Side::Reply, port)
+    }
+
+    /// The conntrack entries of `family` and `protocol` whose client asked for port
+    /// `port` (the original direction's destination): with a REDIRECT in place, their
+    /// [`Entry::reply_port`] says which local port took each. Filtered as
+    /// [`Conn::conntrack_to_port`] is. Needs CAP_NET_ADMIN.
+    pub fn conntrack_for_port(
+        &mut self,
+        family: Family,
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<Vec<Entry>, Error> {
+        let op = || format!("dumping the {family} conntrack entries of clients of port {port}");
+        self.conntrack_dump(&op, family, protocol, Side::Original, port)
+    }
+
+    fn conntrack_dump(
+        &mut self,
+        op: &dyn Fn() -> String,
+        family: Family,
+        protocol: Protocol,
+        side: Side,
+        port: u16,
+    ) -> Result<Vec<Entry>, Error> {
+        let (tuple, port_attr, flags_attr, flags) = match side {
+            Side::Reply => (
+                cta::TUPLE_REPLY,
+                cta::PROTO_SRC_PORT,
+                cta::FILTER_REPLY_FLAGS,
+                cta::FILTER_PROTO_NUM_SRC_PORT,
+            ),
+            Side::Original => (
+                cta::TUPLE_ORIG,
+                cta::PROTO_DST_PORT,
+                cta::FILTER_ORIG_FLAGS,
+                cta::FILTER_PROTO_NUM_DST_PORT,
+            ),
+        };
         let mut entries = Vec::new();
         self.dump_raw(
-            &op,
+            op,
             |seq| {
                 let mut m = MsgBuilder::new(
                     CT | cta::MSG_CT_GET,
@@ -100,17 +157,14 @@ impl Conn {
                     seq,
                     family.nfproto(),
                 );
-                m.begin(cta::TUPLE_REPLY)
+                m.begin(tuple)
                     .begin(cta::TUPLE_PROTO)
                     .attr(cta::PROTO_NUM, &[protocol.number()])
-                    .attr(cta::PROTO_SRC_PORT, &port.to_be_bytes())
+                    .attr(port_attr, &port.to_be_bytes())
                     .end()
                     .end();
                 m.begin(cta::FILTER)
-                    .attr(
-                        cta::FILTER_REPLY_FLAGS,
-                        &cta::FILTER_PROTO_NUM_SRC_PORT.to_ne_bytes(),
-                    )
+                    .attr(flags_attr, &flags.to_ne_bytes())
                     .end();
                 m.finish()
             },
@@ -119,7 +173,11 @@ impl Conn {
                     return;
                 }
                 if let Some(entry) = parse_entry(family, msg.payload) {
-                    if entry.protocol == protocol && entry.reply_port == port {
+                    let matches = match side {
+                        Side::Reply => entry.reply_port == port,
+                        Side::Original => entry.orig_port == port,
+                    };
+                    if entry.protocol == protocol && matches {
                         entries.push(entry);
                     }
                 }
@@ -208,6 +266,15 @@ impl Conn {
     }
 }
 
+/// Which direction's tuple a dump filters on.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// The original direction's destination port (what the client asked for).
+    Original,
+    /// The reply direction's source port (where the connection went).
+    Reply,
+}
+
 /// The request that deletes exactly `entry`: by its original tuple, zone and id.
 fn delete_message(entry: &Entry, seq: u32) -> Vec<u8> {
     let mut m = MsgBuilder::new(
@@ -251,10 +318,13 @@ fn parse_entry(family: Family, payload: &[u8]) -> Option<Entry> {
     let proto = Attrs(reply?).get(cta::TUPLE_PROTO)?;
     let protocol = Protocol::from_number(*Attrs(proto).get(cta::PROTO_NUM)?.first()?)?;
     let reply_port = attr::be_u16(Attrs(proto).get(cta::PROTO_SRC_PORT)?)?;
+    let orig_proto = Attrs(orig.as_deref()?.get(4..)?).get(cta::TUPLE_PROTO)?;
+    let orig_port = attr::be_u16(Attrs(orig_proto).get(cta::PROTO_DST_PORT)?)?;
     Some(Entry {
         family,
         protocol,
         reply_port,
+        orig_port,
         tcp_state,
         timeout,
         status,

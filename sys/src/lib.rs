@@ -33,6 +33,7 @@ mod attr;
 mod batch;
 mod conn;
 pub mod conntrack;
+pub mod diag;
 mod error;
 mod listen;
 pub mod monitor;

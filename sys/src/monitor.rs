@@ -17,7 +17,7 @@ const TABLE_NAME: u16 = 1;
 
 /// One change of the ruleset, as the kernel announced it after the commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub enum Notification {
     /// A table was created; its family number (`NFPROTO_*`) and name.
     NewTable(u8, String),
     /// A table was deleted; its family number and name.
@@ -36,7 +36,7 @@ pub enum Event {
 pub struct Monitor {
     sock: NetlinkSocket,
     rx: AlignedBuf,
-    queue: std::collections::VecDeque<Event>,
+    queue: std::collections::VecDeque<Notification>,
 }
 
 impl Monitor {
@@ -60,7 +60,7 @@ impl Monitor {
     /// The next event, waiting up to `timeout` (forever with `None`); `Ok(None)` when the
     /// time ran out. ENOBUFS means events were lost because they came faster than they
     /// were read.
-    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, Error> {
+    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Option<Notification>, Error> {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return Ok(Some(event));
@@ -105,7 +105,7 @@ impl AsFd for Monitor {
     }
 }
 
-fn decode(msg: Message<'_>) -> Option<Event> {
+fn decode(msg: Message<'_>) -> Option<Notification> {
     let table = || {
         let family = attr::nfgen_family(msg.payload)?;
         let name = attr::nfgen_attrs(msg.payload)
@@ -114,11 +114,11 @@ fn decode(msg: Message<'_>) -> Option<Event> {
         Some((family, name.to_owned()))
     };
     match msg.kind.checked_sub(NFT)? as i32 {
-        libc::NFT_MSG_NEWTABLE => table().map(|(f, n)| Event::NewTable(f, n)),
-        libc::NFT_MSG_DELTABLE => table().map(|(f, n)| Event::DelTable(f, n)),
-        libc::NFT_MSG_NEWRULE => parse_rule_message(msg.payload).map(Event::NewRule),
-        libc::NFT_MSG_DELRULE => parse_rule_message(msg.payload).map(Event::DelRule),
-        libc::NFT_MSG_NEWGEN => Some(Event::NewGen),
+        libc::NFT_MSG_NEWTABLE => table().map(|(f, n)| Notification::NewTable(f, n)),
+        libc::NFT_MSG_DELTABLE => table().map(|(f, n)| Notification::DelTable(f, n)),
+        libc::NFT_MSG_NEWRULE => parse_rule_message(msg.payload).map(Notification::NewRule),
+        libc::NFT_MSG_DELRULE => parse_rule_message(msg.payload).map(Notification::DelRule),
+        libc::NFT_MSG_NEWGEN => Some(Notification::NewGen),
         _ => None,
     }
 }

@@ -99,14 +99,14 @@ fn a_checked_batch_is_answered_but_never_applied() {
         b.push(Op::AddTable(Family::Ipv4));
         b.push(Op::AddChain(Family::Ipv4, Chain::Output));
         b.insert_rule(Family::Ipv4, Chain::Output, redirect());
-        conn.check(&b).unwrap();
+        conn.dry_run(&b).unwrap();
         assert_eq!(nft(path, &["list", "ruleset"]), before);
         // The same batch, checked with an insert into a chain that does not exist: the
         // kernel names the refused operation, and still nothing is applied.
         let mut b = Batch::new(None);
         b.push(Op::AddTable(Family::Ipv4));
         b.insert_rule(Family::Ipv4, Chain::Output, redirect());
-        let err = conn.check(&b).unwrap_err();
+        let err = conn.dry_run(&b).unwrap_err();
         assert!(err.is_missing(), "{err}");
         assert_eq!(nft(path, &["list", "ruleset"]), before);
     });

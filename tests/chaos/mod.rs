@@ -75,7 +75,7 @@ fn check_invariants(ns: &Netns, step: usize, violations: &mut Vec<String>) {
                 "step {step}: namespace {namespace} has two rules in one chain: {mine:?}"
             ));
         }
-        let mut owners: Vec<Option<u32>> = mine.iter().map(|r| r.pid).collect();
+        let mut owners: Vec<u32> = mine.iter().map(|r| r.pid).collect();
         owners.dedup();
         if owners.len() > 1 {
             violations.push(format!(
@@ -320,7 +320,7 @@ pub fn run(secs: u64, seed: u64) -> Summary {
         } else {
             wrapper.pid
         };
-        if rule.pid != Some(owner) {
+        if rule.pid != owner {
             summary.violations.push(format!(
                 "a rule of {:?} is not the current owner's ({owner}): {rule:?}",
                 rule.pid

@@ -1,32 +1,27 @@
 //! `switcheroo`: zero-downtime deploys for servers in any language.
 //!
-//! `switcheroo run` binds the internal port, hands the listening socket to the server as
-//! fd 3 (systemd socket activation), waits until the server is ready, then points the
-//! public port at it in one transaction; the previous instance's `switcheroo run` gets
-//! SIGTERM, waits until its server has emptied the accept queue, forwards the signal and
-//! exits with the server's status.
+//! `switcheroo run` binds the internal ports, hands the sockets to the server as fds 3,
+//! 4, ... (systemd socket activation), waits until the server is ready, then points the
+//! public ports at it in one transaction; the previous instance's `switcheroo run` gets
+//! SIGTERM, waits until its server has emptied the accept queues, stops it and exits with
+//! its status.
 
-mod ready;
-mod run;
+mod args;
+mod drain;
+mod exit;
+mod machine;
+mod probe;
+mod report;
+mod tree;
 
-use clap::{Args, Parser, Subcommand};
+use args::{namespace, range, PortArg, RunArgs};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use exit::Exit;
 use log::error;
 use std::ffi::OsString;
 use std::io::Write;
 use std::ops::RangeInclusive;
 use std::process::ExitCode;
-use std::time::Duration;
-use switcheroo::{Routes, Rule};
-
-/// Exit status for an error of switcheroo itself (permissions, netfilter, bad input, a
-/// failed switch).
-const EXIT_ERROR: u8 = 1;
-/// Exit status when the new server never became ready: nothing was switched.
-const EXIT_NOT_READY: u8 = 3;
-/// Exit status of a `run` whose instance was rolled back (by `switcheroo rollback`, by
-/// failed health checks or by its server's exit during the probation): the previous
-/// instance serves again.
-const EXIT_ROLLED_BACK: u8 = 4;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -37,13 +32,14 @@ Examples:
   switcheroo run --port 8080 --ready http:/healthz -- gunicorn app:app
 
   # a server that only takes a port number: {port} is replaced by the internal port
-  switcheroo run --namespace api --port 443 --ready delay:2s -- ./server --listen-port {port}
+  switcheroo run --namespace api --port 443 --ready https:/ -- ./server --listen-port {port}
+
+  # nginx: its config from a template with the internal port; it stops gracefully on QUIT
+  switcheroo run -n web -p 8080 --ready http:/ --stop-signal QUIT -- \\
+      sh -c 'sed s/@PORT@/$SWITCHEROO_PORT/ nginx.conf.in > nginx.conf && exec nginx -c $PWD/nginx.conf'
 
   # HTTP, HTTPS and HTTP/3 switched together: fds 3, 4, 5, LISTEN_FDNAMES=http:https:h3
   switcheroo run -n web -p http=80 -p https=443 -p h3=443/udp -- ./server
-
-  # a DNS server: the UDP socket as fd 3, the TCP listener as fd 4
-  switcheroo run -n dns -p 53/udp -p 53/tcp --ready delay:1s -- ./dns-server
 
   # keep the previous version warm for 5 minutes; roll back at once if this one dies
   switcheroo run --port 8080 --probation 5m --ready http:/healthz -- ./server
@@ -53,26 +49,66 @@ Examples:
   switcheroo run --port 8080 --canary 10 --probation 5m -- ./server
   switcheroo promote             # it takes every new connection; or: switcheroo rollback
 
-  switcheroo status --json
+  switcheroo status              # every instance: role, since when, connections
   switcheroo cleanup --namespace api
 
 Exit status:
-  0        run: the server exited 0; status, cleanup: success; check: nothing blocks
-  1        an error of switcheroo itself (permissions, netfilter, bad input), or run's
-           switch failed (the new server is stopped); nothing changed, the old version
-           keeps serving
-  2        bad arguments
+  0        run: the server exited 0; status, cleanup, rollback, promote: done;
+           check: nothing blocks
+  1        an error of switcheroo itself (permissions, netfilter, a port another
+           namespace serves), or run's switch failed (the new server is stopped);
+           rollback: nothing to roll back to; promote: no live canary; check: a
+           blocker was found. Nothing changed, the old version keeps serving
+  2        bad arguments (nothing was started or changed)
   3        run: the new server failed to start, exited, was not ready in time or was told
            to stop before the switch; nothing was switched and the old version keeps
            serving
   4        run: this instance was rolled back (switcheroo rollback, 3 failed health checks
            or its server's exit during the probation); the previous instance serves again
-  1        rollback: nothing to roll back to; promote: no live canary (the ruleset is
-           unchanged; the message says why); check: a blocker was found
   N        run: the server's own exit status, or 128+signal if a signal ended it
 
 Logging goes to stderr; RUST_LOG=debug (or warn, ...) sets the level, info by default.
 Needs CAP_NET_ADMIN (and CAP_KILL to stop instances of other users).";
+
+const RUN_AFTER_HELP: &str = "\
+Options go before the command, then --, then the command: switcheroo run -p 8080 -- ./server
+--flag. Whatever follows the command is the server's.
+
+The server gets one socket per --port, in the order given, as fds 3, 4, ... with
+LISTEN_FDS=<count>, LISTEN_PID=<its pid> and LISTEN_FDNAMES=<names> (systemd socket
+activation: gunicorn, uvicorn --fd 3, Node's {fd: 3}, Go's net.FileListener, puma's
+bind to tcp://[::]:$SWITCHEROO_PORT, ...): a listening TCP socket for PORT or PORT/tcp, an
+unconnected UDP socket for PORT/udp. A port's name is NAME from NAME=PORT, else --fd-name,
+else the namespace. SWITCHEROO_PORT=<internal port of the first> and
+SWITCHEROO_PORTS=<PORT/PROTO=INTERNAL,...> say where they are. With --ready notify it
+also gets NOTIFY_SOCKET and must send READY=1.
+
+If an argument contains {port} (one port) or {port:NAME} (NAME, or PORT/PROTO, of a
+--port), the server binds its ports itself: it gets no socket and no LISTEN_* variables.
+A server that reads its port from a config file gets it from SWITCHEROO_PORT: through
+its own environment substitution (Caddy's {$SWITCHEROO_PORT}), or a template rendered by
+`sh -c '... && exec server'`.
+
+With --notify-replaced SIGNAL, the server gets SIGNAL as soon as it is replaced, before
+the drain, so that it can answer `Connection: close` while its keep-alive clients still
+send. After the drain the server gets --stop-signal (TERM; QUIT for nginx). `run` is the
+subreaper of the server: processes it forks stay with `run`, which exits only when the
+last has (or sends SIGKILL to all of them after --kill-after).
+
+Run it the same way again to deploy: the new instance switches the public ports to its
+server once that is ready; the previous one drains, stops its server and exits with its
+status. If the new server exits, is told to stop, or is not ready within --ready-timeout,
+nothing is switched and run exits 3 at once; if the switch fails, run exits 1. A public
+port that a live instance of another namespace serves is refused (exit 1) unless
+--move-from names that namespace.
+
+With --probation, the previous instance stays warm below this one: if this one's server
+exits, or fails 3 health checks in a row, the previous one serves again and run exits 4.
+Stopped with SIGTERM while it serves, run first removes its own rules, so that an instance
+below takes new connections at once.
+
+Under systemd (Type=notify), switcheroo itself sends READY=1 once it has switched, and
+keeps STATUS= current (serving, standby, canary, draining with N connections).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,14 +126,17 @@ struct Cli {
 enum Command {
     /// Diagnose this host before the first deploy, changing nothing: the kernel's parts,
     /// IPv6, every firewall chain on the input hook (would it drop a redirected
-    /// connection? then the exact fix), the internal range against the ephemeral ports,
-    /// conntrack's headroom. Exits 1 when something blocks
+    /// connection? then the exact fix), who else is on the public ports, the internal
+    /// range against the ephemeral ports, conntrack's headroom. Exits 1 when something
+    /// blocks
     Check(CheckArgs),
     /// Start COMMAND with a fresh listening socket as fd 3, switch the public port to it
     /// once it is ready, and stop the previous instance gracefully
-    #[command(after_help = run::AFTER_HELP)]
+    #[command(after_help = RUN_AFTER_HELP)]
     Run(Box<RunArgs>),
-    /// List every switcheroo rule in this network namespace, with its role
+    /// List every instance in this network namespace: its role (canary, active, standby,
+    /// dead, or draining out of the chains), since when, its ports and the connections it
+    /// still holds; --rules lists the rules instead
     Status(StatusArgs),
     /// Delete the namespace's head in one transaction (the canary, else the active if a
     /// live standby is below it); its owner retires
@@ -110,86 +149,16 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct RunArgs {
-    /// The service's name; its instances replace each other ([A-Za-z0-9_.-], 1-64 chars)
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
-    /// A public port clients connect to: `[NAME=]PORT[/tcp|/udp]` (TCP by default).
-    /// Repeat it for a service with several ports, all switched together; the server gets
-    /// one socket per port, as fds 3, 4, ... in this order
-    #[arg(long, short = 'p', required = true, value_name = "[NAME=]PORT[/PROTO]", value_parser = run::PortArg::parse)]
-    port: Vec<run::PortArg>,
-    /// Internal ports to choose from, MIN-MAX
-    #[arg(long, default_value = "40400-40499", value_parser = parse_range)]
-    range: RangeInclusive<u16>,
-    /// Which traffic to redirect: network (PREROUTING), localhost (OUTPUT), or both
-    #[arg(long, value_delimiter = ',', default_value = "network,localhost", value_parser = parse_route)]
-    routes: Vec<Routes>,
-    /// When the server is ready: `notify` (it sends READY=1 to $NOTIFY_SOCKET, the
-    /// sd_notify protocol), `http:/PATH` (GET PATH on the internal port answers 2xx), or
-    /// `delay:DURATION` (it is assumed ready after that long)
-    #[arg(long, default_value = "notify", value_parser = ready::Ready::parse)]
-    ready: ready::Ready,
-    /// How long to wait for readiness before giving up (nothing is switched then)
-    #[arg(long, default_value = "60s", value_parser = ready::parse_duration)]
-    ready_timeout: Duration,
-    /// Keep the previous instance warm below this one for DURATION after the switch: if
-    /// this one's server exits (or, with --ready http:/PATH, fails 3 health checks in a
-    /// row, probed every second) meanwhile, the previous one serves again and run exits 4;
-    /// after it, the previous one retires. With --canary, it starts at the promotion
-    #[arg(long, value_name = "DURATION", value_parser = ready::parse_duration)]
-    probation: Option<Duration>,
-    /// Take PERCENT (1-99) of new connections above the active instance instead of all of
-    /// them; `switcheroo promote` or `switcheroo rollback` decide what follows
-    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
-    canary: Option<u8>,
-    /// On SIGTERM/SIGINT, forward the signal once the accept queues have been empty (and
-    /// the UDP flows quiet: whole seconds, at least 1) this long
-    #[arg(long, default_value = "200ms", value_parser = ready::parse_duration)]
-    drain_idle: Duration,
-    /// ... or after this long at most
-    #[arg(long, default_value = "5s", value_parser = ready::parse_duration)]
-    drain_max: Duration,
-    /// After forwarding SIGTERM/SIGINT, send SIGKILL if the server has not exited within
-    /// this long (default: wait for as long as it takes)
-    #[arg(long, value_parser = ready::parse_duration)]
-    kill_after: Option<Duration>,
-    /// Send SIGNAL (e.g. USR1) to the server as soon as this instance is replaced, before
-    /// the drain, so that it can answer `Connection: close` from then on (see below)
-    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
-    notify_replaced: Option<nix::sys::signal::Signal>,
-    /// The name in LISTEN_FDNAMES of each port given without NAME= (default: the
-    /// namespace)
-    #[arg(long)]
-    fd_name: Option<String>,
-    /// Keep a record of each commit in DIR (a directory of this user only, created if
-    /// missing) so that the next deploy can skip dumping chains that hold many foreign
-    /// rules; off by default. Under systemd: RuntimeDirectory=switcheroo and
-    /// --record-dir /run/switcheroo
-    #[arg(long, value_name = "DIR")]
-    record_dir: Option<std::path::PathBuf>,
-    /// The server and its arguments; `{port}` (or `{port:NAME}` with several ports) in an
-    /// argument becomes that internal port, and the server then binds its ports itself
-    /// instead of getting the sockets as fds 3, 4, ...
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "COMMAND"
-    )]
-    command: Vec<OsString>,
-}
-
-#[derive(Args, Debug)]
 struct CheckArgs {
-    /// The service; without --port, its public ports are read from its rules
-    #[arg(long, short = 'n', default_value = "default")]
+    /// The service that is to deploy; without --port, its public ports are read from its
+    /// rules
+    #[arg(long, short = 'n', default_value = "default", value_parser = namespace)]
     namespace: String,
     /// A public port, as for run: `[NAME=]PORT[/tcp|/udp]` (repeatable)
-    #[arg(long, short = 'p', value_name = "[NAME=]PORT[/PROTO]", value_parser = run::PortArg::parse)]
-    port: Vec<run::PortArg>,
+    #[arg(long, short = 'p', value_name = "[NAME=]PORT[/PROTO]", value_parser = PortArg::parse)]
+    port: Vec<PortArg>,
     /// Internal ports to choose from, MIN-MAX
-    #[arg(long, default_value = "40400-40499", value_parser = parse_range)]
+    #[arg(long, default_value = "40400-40499", value_parser = range)]
     range: RangeInclusive<u16>,
     /// Print {"findings": [...], "blockers": N} as JSON
     #[arg(long)]
@@ -198,10 +167,13 @@ struct CheckArgs {
 
 #[derive(Args, Debug)]
 struct StatusArgs {
-    /// Only this namespace's rules
-    #[arg(long, short = 'n')]
+    /// Only this namespace's instances (or rules)
+    #[arg(long, short = 'n', value_parser = namespace)]
     namespace: Option<String>,
-    /// Print {"rules": [...]} as JSON
+    /// List the rules, one line per rule, family and chain, instead of the instances
+    #[arg(long)]
+    rules: bool,
+    /// Print {"instances": [...], "rules": [...]} as JSON
     #[arg(long)]
     json: bool,
 }
@@ -209,80 +181,93 @@ struct StatusArgs {
 #[derive(Args, Debug)]
 struct NamespaceArgs {
     /// The service's name
-    #[arg(long, short = 'n', default_value = "default")]
+    #[arg(long, short = 'n', default_value = "default", value_parser = namespace)]
     namespace: String,
 }
 
 #[derive(Args, Debug)]
 struct CleanupArgs {
     /// The namespace whose rules to delete
-    #[arg(long, short = 'n')]
+    #[arg(long, short = 'n', value_parser = namespace)]
     namespace: String,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    Exit::Success
+                }
+                _ => Exit::Usage,
+            }
+            .into();
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let result = match cli.command {
-        Command::Check(args) => return check(args),
-        Command::Run(args) => return run::run((*args).into()),
-        Command::Status(args) => status(args),
-        Command::Cleanup(args) => switcheroo::cleanup(&args.namespace).map(|n| {
+    let exit = match cli.command {
+        Command::Check(args) => check(args),
+        Command::Run(args) => match args::Config::new(*args, &argv) {
+            Ok(config) => machine::run(config),
+            Err(e) => {
+                let mut cmd = Cli::command();
+                let usage = cmd
+                    .find_subcommand_mut("run")
+                    .map(|run| run.render_usage().to_string())
+                    .unwrap_or_default();
+                error!("switcheroo run: {e}");
+                eprintln!("{usage}");
+                Exit::Usage
+            }
+        },
+        Command::Status(args) => done(status(args)),
+        Command::Cleanup(args) => done(switcheroo::cleanup(&args.namespace).map(|n| {
             println!("removed {n} rules of namespace {}", args.namespace);
-        }),
-        Command::Rollback(args) => switcheroo::rollback(&args.namespace).map(|r| {
+        })),
+        Command::Rollback(args) => done(switcheroo::rollback(&args.namespace).map(|r| {
             println!(
-                "namespace {}: rolled back from pid {} to pid {} (removed {} rules, signalled {:?})",
+                "namespace {}: rolled back from pid {} to {} (removed {} rules, signalled {:?})",
                 args.namespace,
-                r.from.unwrap_or(0),
-                r.serving.map_or("-".to_owned(), |p| p.to_string()),
+                r.from,
+                r.serving
+                    .map_or("nobody".to_owned(), |p| format!("pid {p}")),
                 r.removed.len(),
                 r.signalled
             );
-        }),
-        Command::Promote(args) => switcheroo::promote(&args.namespace).map(|p| {
+        })),
+        Command::Promote(args) => done(switcheroo::promote(&args.namespace).map(|p| {
             println!(
                 "namespace {}: pid {} is the active now; standby {}",
                 args.namespace,
                 p.promoted,
                 p.standby.map_or("none".to_owned(), |s| format!("pid {s}"))
             );
-        }),
+        })),
     };
+    exit.into()
+}
+
+/// The exit of a command that either did its work or failed with the library's error.
+fn done(result: switcheroo::Result<()>) -> Exit {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Success,
         Err(e) => {
             error!("{e}");
-            ExitCode::from(EXIT_ERROR)
+            if e.is_bad_input() {
+                Exit::Usage
+            } else {
+                Exit::Failed
+            }
         }
     }
 }
 
-impl From<RunArgs> for run::Config {
-    fn from(a: RunArgs) -> Self {
-        run::Config {
-            fd_name: a.fd_name.unwrap_or_else(|| a.namespace.clone()),
-            namespace: a.namespace,
-            ports: a.port,
-            range: a.range,
-            routes: a.routes.into_iter().fold(Routes::empty(), |all, r| all | r),
-            ready: a.ready,
-            ready_timeout: a.ready_timeout,
-            drain_idle: a.drain_idle,
-            drain_max: a.drain_max,
-            kill_after: a.kill_after,
-            notify_replaced: a.notify_replaced,
-            record_dir: a.record_dir,
-            probation: a.probation,
-            canary: a.canary,
-            command: a.command,
-        }
-    }
-}
-
-fn check(args: CheckArgs) -> ExitCode {
+fn check(args: CheckArgs) -> Exit {
     let mut ports: Vec<switcheroo::Port> = args.port.iter().map(|p| p.port).collect();
     if ports.is_empty() {
         match switcheroo::all_rules() {
@@ -295,62 +280,34 @@ fn check(args: CheckArgs) -> ExitCode {
             }
             Err(e) => {
                 error!("{e}");
-                return ExitCode::from(EXIT_ERROR);
+                return Exit::Failed;
             }
         }
     }
     let target = switcheroo::check::Target {
+        namespace: Some(args.namespace),
         ports,
         range: args.range,
     };
-    let findings = match switcheroo::check::check(&target) {
+    let findings = match switcheroo::check::diagnose(&target) {
         Ok(findings) => findings,
         Err(e) => {
             error!("{e}");
-            return ExitCode::from(EXIT_ERROR);
+            return Exit::Failed;
         }
     };
     let blockers = switcheroo::check::blockers(&findings).count();
     let text = if args.json {
-        let items: Vec<String> = findings
-            .iter()
-            .map(|f| {
-                format!(
-                    "{{\"level\":\"{}\",\"topic\":\"{}\",\"what\":{},\"fix\":{},\"keep\":{}}}",
-                    f.level.to_string().to_lowercase(),
-                    f.topic,
-                    json_string(&f.what),
-                    f.fix.as_deref().map_or("null".to_owned(), json_string),
-                    f.keep.as_deref().map_or("null".to_owned(), json_string)
-                )
-            })
-            .collect();
-        format!(
-            "{{\"findings\":[{}],\"blockers\":{blockers}}}\n",
-            items.join(",")
-        )
+        report::findings_json(&findings, blockers)
     } else {
-        let mut text = String::new();
-        for f in &findings {
-            text.push_str(&format!("{:<8} {:<9} {}\n", f.level, f.topic, f.what));
-            if let Some(fix) = &f.fix {
-                text.push_str(&format!("{:<8} {:<9} fix:  {fix}\n", "", ""));
-            }
-            if let Some(keep) = &f.keep {
-                text.push_str(&format!("{:<8} {:<9} keep: {keep}\n", "", ""));
-            }
-        }
-        text.push_str(&match blockers {
-            0 => "nothing blocks a deploy\n".to_owned(),
-            n => format!("{n} blocker(s): fix them before the first deploy\n"),
-        });
-        text
+        report::findings_text(&findings, blockers)
     };
+    // A closed stdout (`| head`) is not an error worth a message.
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
     if blockers == 0 {
-        ExitCode::SUCCESS
+        Exit::Success
     } else {
-        ExitCode::from(EXIT_ERROR)
+        Exit::Failed
     }
 }
 
@@ -359,144 +316,36 @@ fn status(args: StatusArgs) -> switcheroo::Result<()> {
     if let Some(ns) = &args.namespace {
         rules.retain(|r| &r.namespace == ns);
     }
-    let mut out = std::io::stdout().lock();
-    let text = if args.json {
-        json(&rules)
+    let text = if args.rules && !args.json {
+        report::rule_table(&rules)
     } else {
-        table(&rules)
+        let instances = switcheroo::instances(args.namespace.as_deref())?;
+        if args.json {
+            report::status_json(&instances, &rules)
+        } else {
+            report::instance_table(&instances)
+        }
     };
-    // A closed stdout (`| head`) is not an error worth a message.
-    let _ = out.write_all(text.as_bytes());
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(())
-}
-
-fn table(rules: &[Rule]) -> String {
-    let mut rows = vec![[
-        "NAMESPACE".to_owned(),
-        "FAMILY".to_owned(),
-        "CHAIN".to_owned(),
-        "PROTO".to_owned(),
-        "PORT".to_owned(),
-        "INTERNAL".to_owned(),
-        "PID".to_owned(),
-        "ROLE".to_owned(),
-    ]];
-    for r in rules {
-        rows.push([
-            r.namespace.clone(),
-            r.family.to_string(),
-            r.chain.to_string(),
-            r.protocol.to_string(),
-            r.public_port.to_string(),
-            r.internal_port.to_string(),
-            r.pid.map_or("-".to_owned(), |p| p.to_string()),
-            r.role_name(),
-        ]);
-    }
-    let mut widths = [0; 8];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut text = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        text.push_str(line.join("  ").trim_end());
-        text.push('\n');
-    }
-    text
-}
-
-fn json(rules: &[Rule]) -> String {
-    let items: Vec<String> = rules
-        .iter()
-        .map(|r| {
-            format!(
-                "{{\"namespace\":{},\"family\":\"{}\",\"chain\":\"{}\",\"handle\":{},\"protocol\":\"{}\",\"port\":{},\"internal_port\":{},\"pid\":{},\"start\":{},\"alive\":{},\"role\":{}{}}}",
-                json_string(&r.namespace),
-                r.family,
-                r.chain,
-                r.handle.get(),
-                r.protocol,
-                r.public_port,
-                r.internal_port,
-                r.pid.map_or("null".to_owned(), |p| p.to_string()),
-                r.start.map_or("null".to_owned(), |s| s.to_string()),
-                r.alive,
-                json_string(&if r.alive { r.role.to_string() } else { "dead".to_owned() }),
-                r.weight.map_or(String::new(), |w| format!(",\"weight\":{w}")),
-            )
-        })
-        .collect();
-    format!("{{\"rules\":[{}]}}\n", items.join(","))
-}
-
-/// A signal by name, `USR1` or `SIGUSR1`; not one that stops or kills.
-fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
-    use nix::sys::signal::Signal;
-    let name = if s.starts_with("SIG") {
-        s.to_owned()
-    } else {
-        format!("SIG{s}")
-    };
-    let signal: Signal = name
-        .parse()
-        .map_err(|_| format!("{s:?} is not a signal name (USR1, HUP, WINCH, ...)"))?;
-    if matches!(
-        signal,
-        Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGTERM | Signal::SIGINT
-    ) {
-        return Err(format!(
-            "{s}: choose a signal the server can take as a notice, not one that stops it"
-        ));
-    }
-    Ok(signal)
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
-    let (min, max) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 40400-40499"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .map_err(|_| format!("{p:?} is not a port number (1-65535)"))
-    };
-    Ok(port(min)?..=port(max)?)
-}
-
-fn parse_route(s: &str) -> Result<Routes, String> {
-    match s {
-        "network" => Ok(Routes::NETWORK),
-        "localhost" => Ok(Routes::LOCALHOST),
-        _ => Err(format!("{s:?}: expected network or localhost")),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+
+    fn parse(argv: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(argv)
+    }
+
+    fn config(argv: &[&str]) -> Result<args::Config, String> {
+        let cli = parse(argv).map_err(|e| e.to_string())?;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        let os: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        args::Config::new(*a, &os)
+    }
 
     #[test]
     fn the_command_line_is_consistent() {
@@ -505,7 +354,7 @@ mod tests {
 
     #[test]
     fn run_arguments() {
-        let cli = Cli::try_parse_from([
+        let c = config(&[
             "switcheroo",
             "run",
             "-p",
@@ -516,54 +365,168 @@ mod tests {
             "localhost",
             "--ready",
             "http:/health",
+            "--stop-signal",
+            "QUIT",
             "--",
             "server",
             "--port",
             "{port}",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let config = run::Config::from(*args);
-        assert_eq!(config.range, 41000..=41010);
-        assert_eq!(config.routes, Routes::LOCALHOST);
-        assert_eq!(config.namespace, "default");
-        assert_eq!(config.command, ["server", "--port", "{port}"]);
-        assert!(Cli::try_parse_from(["switcheroo", "run", "-p", "8080"]).is_err());
+        assert_eq!(c.range, 41000..=41010);
+        assert_eq!(c.routes, switcheroo::Routes::LOCALHOST);
+        assert_eq!(c.namespace, "default");
+        assert_eq!(c.stop_signal, nix::sys::signal::Signal::SIGQUIT);
+        assert_eq!(c.program, "server");
+        assert!(c.binds_itself());
         assert!(
-            Cli::try_parse_from(["switcheroo", "run", "-p", "8080", "--range", "9-", "x"]).is_err()
+            c.misplaced.is_empty(),
+            "after --, everything is the server's"
         );
     }
 
     #[test]
-    fn several_ports_and_their_names() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["switcheroo", "run", "-n", "web"];
-            argv.extend_from_slice(extra);
-            let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-            let Command::Run(args) = cli.command else {
-                panic!("not run")
-            };
-            let config = run::Config::from(*args);
-            config.check()?;
-            Ok::<_, String>(config)
-        };
-        let config = parse(&["-p", "http=80", "-p", "443/udp", "--", "server"]).unwrap();
-        let ports: Vec<String> = config.ports.iter().map(|p| p.port.to_string()).collect();
-        assert_eq!(ports, ["80/tcp", "443/udp"]);
-        assert_eq!(config.ports[0].name.as_deref(), Some("http"));
-        let err = parse(&["-p", "a=80", "-p", "a=81", "--", "server"]).unwrap_err();
-        assert!(err.contains("given twice"), "{err}");
-        let err = parse(&["-p", "80", "-p", "81", "--", "s", "{port}"]).unwrap_err();
-        assert!(err.contains("ambiguous"), "{err}");
-        assert!(parse(&["-p", "80", "-p", "x=81", "--", "s", "{port:x}", "{port:80}"]).is_ok());
-        assert!(parse(&["-p", "80/sctp", "--", "s"]).is_err());
+    fn an_unknown_option_before_the_command_is_an_error_not_the_command() {
+        let err = parse(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "8099",
+            "--stop-signl",
+            "QUIT",
+            "--",
+            "server",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{err}");
+        assert!(parse(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "8080",
+            "--range",
+            "9-",
+            "--",
+            "x"
+        ])
+        .is_err());
+        for bad in [
+            &["switcheroo", "run", "-n", "web/v2", "-p", "80", "--", "x"][..],
+            &[
+                "switcheroo",
+                "run",
+                "-p",
+                "80",
+                "--ready",
+                "http://localhost/",
+                "--",
+                "x",
+            ],
+            &[
+                "switcheroo",
+                "run",
+                "-p",
+                "80",
+                "--stop-signal",
+                "NOPE",
+                "--",
+                "x",
+            ],
+            &[
+                "switcheroo",
+                "run",
+                "-p",
+                "80",
+                "--drain-idle",
+                "soon",
+                "--",
+                "x",
+            ],
+            &["switcheroo", "cleanup", "-n", "no:colons"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
-    fn json_is_escaped() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
-        assert_eq!(json(&[]), "{\"rules\":[]}\n");
+    fn options_after_the_command_get_a_hint_about_the_order() {
+        let err = config(&["switcheroo", "run", "server", "-p", "8091"]).unwrap_err();
+        assert!(err.contains("--port is missing"), "{err}");
+        assert!(err.contains("switcheroo run -p 8091 -- server"), "{err}");
+        let c = config(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "80",
+            "server",
+            "--ready",
+            "http:/",
+        ])
+        .unwrap();
+        assert_eq!(c.misplaced, ["--ready http:/"]);
+        let err = config(&["switcheroo", "run", "-p", "80"]).unwrap_err();
+        assert!(err.contains("no server to run"), "{err}");
+    }
+
+    #[test]
+    fn several_ports_and_their_names() {
+        let c = config(&[
+            "switcheroo",
+            "run",
+            "-n",
+            "web",
+            "-p",
+            "http=80",
+            "-p",
+            "443/udp",
+            "--",
+            "server",
+        ])
+        .unwrap();
+        let ports: Vec<String> = c.ports.iter().map(|p| p.port.to_string()).collect();
+        assert_eq!(ports, ["80/tcp", "443/udp"]);
+        assert_eq!(c.names(), ["http", "web"]);
+        let err =
+            config(&["switcheroo", "run", "-p", "a=80", "-p", "a=81", "--", "s"]).unwrap_err();
+        assert!(err.contains("given twice"), "{err}");
+        let err = config(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "80",
+            "-p",
+            "81",
+            "--",
+            "s",
+            "{port}",
+        ])
+        .unwrap_err();
+        assert!(err.contains("ambiguous"), "{err}");
+        assert!(config(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "80",
+            "-p",
+            "x=81",
+            "--",
+            "s",
+            "{port:x}",
+            "{port:80}"
+        ])
+        .is_ok());
+        assert!(parse(&["switcheroo", "run", "-p", "80/sctp", "--", "s"]).is_err());
+        let err = config(&[
+            "switcheroo",
+            "run",
+            "-p",
+            "53/udp",
+            "--ready",
+            "http:/",
+            "--",
+            "s",
+        ])
+        .unwrap_err();
+        assert!(err.contains("probes a TCP port"), "{err}");
     }
 }
