@@ -281,7 +281,9 @@ fn retire(
             );
         }
         Socket::Udp(_) => {
-            let drained = FlowDrain::new().max_wait(drain_max).wait(sw, s.internal)?;
+            let drained = sw
+                .track_flows(s.internal, &FlowDrain::new().max_wait(drain_max))
+                .wait()?;
             // Forgotten while still answering: a datagram of a flow that was ours now
             // starts a new flow on the current instance; only one that is queued here at
             // this instant is answered from the internal port (counted as late).

@@ -17,7 +17,7 @@
 //! # }
 //! ```
 
-use crate::port::Socket;
+use crate::bind::Socket;
 use std::io;
 use std::net::TcpListener;
 use std::os::linux::net::SocketAddrExt;

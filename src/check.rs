@@ -12,8 +12,8 @@
 //! an unknown match) is noted, and a drop behind one is reported as a warning, not a
 //! blocker.
 
+use crate::error::{Error, Result};
 use crate::port::Port;
-use crate::{Error, Result};
 use std::fmt;
 use std::ops::RangeInclusive;
 use switcheroo_sys::ruleset::{AnyRule, ChainInfo, Expr, SetKeys, Verdict};

@@ -1,6 +1,6 @@
 //! Durations as the command and the examples take them on their command lines.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::time::Duration;
 
 /// Parses `250ms`, `2s`, `1.5s`, `1m`, or a plain number of seconds: the form

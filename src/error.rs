@@ -41,7 +41,7 @@ pub enum Error {
     #[error("public port {port} is given twice: each (port, protocol) belongs to a service once")]
     DuplicatePort {
         /// The port given twice.
-        port: crate::Port,
+        port: crate::port::Port,
     },
     /// [`Switcheroo::begin`](crate::Switcheroo::begin) returns one TCP listener, but the
     /// service has other ports.
@@ -123,7 +123,7 @@ pub enum Error {
     #[error("public port {port} ({chain}) is served by pid {pid} of namespace {namespace:?}; a deploy of namespace {wanted:?} would take its new connections. Deploy it with namespace {namespace:?}, or move the service to {wanted:?} explicitly (run --move-from {namespace}, Takeover::moving_from); nothing was changed")]
     PortHeld {
         /// The public port.
-        port: crate::Port,
+        port: crate::port::Port,
         /// The family and chain, as `ip PREROUTING`.
         chain: String,
         /// The namespace that serves it.

@@ -8,16 +8,17 @@
 //! switch the old instance still receives the datagrams of its flows (a QUIC connection
 //! keeps its 4-tuple), and only new flows reach the new instance.
 //!
-//! [`FlowDrain`] waits until the flows still mapped to a port have been quiet for an idle
-//! period (bounded by a maximum), reading them from conntrack. When the instance leaves,
-//! [`Switcheroo::forget_flows`] (or [`Switcheroo::flows`] and [`Flows::forget`]) deletes
+//! [`FlowDrain`] (through [`Switcheroo::track_flows`](crate::Switcheroo::track_flows)) waits until the flows still mapped to
+//! a port have been quiet for an idle period (bounded by a maximum), reading them from
+//! conntrack. When the instance leaves,
+//! [`Switcheroo::forget_flows`](crate::Switcheroo::forget_flows) (or [`Switcheroo::flows`](crate::Switcheroo::flows) and [`Flows::forget`]) deletes
 //! the entries that still map to its port, while it still answers: otherwise
 //! a flow that goes on would keep feeding the closed port (answered by ICMP port
 //! unreachable) until its entry expired, and with it the flow would be mapped afresh, to
 //! the current instance.
 
+use crate::error::Result;
 use crate::registry::Registry;
-use crate::{Result, Switcheroo};
 use std::time::{Duration, Instant};
 use switcheroo_sys::conntrack::Entry;
 use switcheroo_sys::{Family, Protocol};
@@ -91,25 +92,11 @@ impl FlowDrain {
         self
     }
 
-    /// Blocks until every UDP flow that conntrack maps to `port` in `sw`'s network
-    /// namespace has been quiet for the idle period (or there is none), or `max_wait` has
-    /// passed.
-    pub fn wait(&self, sw: &Switcheroo, port: u16) -> Result<FlowReport> {
-        let mut tracker = self.tracker(sw, port);
-        loop {
-            if let Some(report) = tracker.poll_drain()? {
-                return Ok(report);
-            }
-            std::thread::sleep(self.interval);
-        }
-    }
-
-    /// A runtime-neutral drain of `port`: call [`FlowTracker::poll_drain`] every
-    /// [`FlowTracker::interval`] until it returns a report. The clock starts now.
-    pub fn tracker(&self, sw: &Switcheroo, port: u16) -> FlowTracker {
+    /// A drain of `port` in `registry`'s network namespace; the clock starts now.
+    pub(crate) fn tracker(&self, registry: &Registry, port: u16) -> FlowTracker {
         FlowTracker {
             drain: *self,
-            registry: sw.registry().clone(),
+            registry: registry.clone(),
             port,
             started: Instant::now(),
             timeouts: None,
@@ -117,7 +104,7 @@ impl FlowDrain {
     }
 }
 
-/// A flow drain in progress; see [`FlowDrain::tracker`].
+/// A flow drain in progress; see [`Switcheroo::track_flows`](crate::Switcheroo::track_flows).
 #[derive(Debug, Clone)]
 pub struct FlowTracker {
     drain: FlowDrain,
@@ -128,7 +115,18 @@ pub struct FlowTracker {
 }
 
 impl FlowTracker {
-    /// How long to wait between checks.
+    /// Blocks until every UDP flow that conntrack maps to the port has been quiet for the
+    /// idle period (or there is none), or `max_wait` has passed.
+    pub fn wait(&mut self) -> Result<FlowReport> {
+        loop {
+            if let Some(report) = self.poll_drain()? {
+                return Ok(report);
+            }
+            std::thread::sleep(self.drain.interval);
+        }
+    }
+
+    /// How long to wait between samples.
     pub fn interval(&self) -> Duration {
         self.drain.interval
     }
@@ -230,7 +228,7 @@ impl UdpTimeouts {
 }
 
 /// The UDP flows that conntrack maps to one internal port, as read at one moment; see
-/// [`Switcheroo::flows`].
+/// [`Switcheroo::flows`](crate::Switcheroo::flows).
 #[derive(Debug)]
 pub struct Flows {
     registry: Registry,
@@ -278,7 +276,7 @@ impl Flows {
 }
 
 /// The UDP flows that conntrack maps to the internal port `port`, the most recently active
-/// first; see [`Switcheroo::flows`].
+/// first; see [`Switcheroo::flows`](crate::Switcheroo::flows).
 pub(crate) fn read(registry: &Registry, port: u16) -> Result<Flows> {
     let mut entries = flows_to(registry, port)?;
     // The most recently active first, and among those the assured (long-lived) ones: a

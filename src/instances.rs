@@ -12,6 +12,7 @@
 //! it (by its socket's inode), so a process can only speak for itself.
 
 use crate::comment::Identity;
+use crate::error::Result;
 use crate::port::{Mapping, Port};
 use crate::process::Stat;
 use crate::registry::Registry;
@@ -19,7 +20,6 @@ use crate::role::Role;
 use crate::rule::Rule;
 use crate::sockets::{self, Holder};
 use crate::transact::{self, MAX_ATTEMPTS};
-use crate::Result;
 use std::collections::BTreeMap;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -53,6 +53,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod activation;
+mod bind;
 pub mod check;
 mod comment;
 mod drain;
@@ -82,13 +83,14 @@ mod tenure;
 mod transact;
 mod view;
 
+pub use bind::{Bound, Socket};
 pub use comment::Identity;
 pub use drain::{accept_queue_of_port, Drain, DrainReport, DrainTracker};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
 pub use flows::{FlowDrain, FlowReport, FlowTracker, Flows};
 pub use instances::{instances, Connections, Instance, Standing};
-pub use port::{Bound, Mapping, Port, Socket};
+pub use port::{Mapping, Port};
 pub use registry::{Promotion, Rollback};
 pub use role::Role;
 pub use routes::Routes;

@@ -22,7 +22,7 @@
 //! kernel without owned tables (before 5.12) there is no lock, and every batch is bound to
 //! the generation instead: correct, but a busy foreign writer can then slow a commit down.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use log::{debug, warn};
 use nix::errno::Errno;
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! built, kept as an open namespace file (which also keeps the namespace alive), and every
 //! socket of that `Switcheroo` is created in it.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use nix::sched::CloneFlags;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};

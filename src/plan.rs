@@ -7,11 +7,12 @@
 //! the live rules are their roles.
 
 use crate::comment::Identity;
+use crate::error::{Error, Result};
 use crate::port::Mapping;
 use crate::role::Role;
+use crate::routes::Routes;
 use crate::rule::{GroupKey, Rule};
 use crate::view::View;
-use crate::{Error, Result, Routes};
 use switcheroo_sys::{Chain, Family, Redirect};
 
 /// One transaction's changes: rules to insert at the heads of chains, and rules of the read

@@ -3,15 +3,17 @@
 //! the operations on the namespace's rules. Each operation is a [`plan`] applied by one
 //! transaction ([`Transaction::run`]), followed by the same step ([`retire`]).
 
+use crate::bind;
 use crate::comment::{valid_namespace, Identity};
+use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::plan::{self, Plan};
 use crate::record::{Key, Records};
 use crate::retire;
+use crate::routes::Routes;
 use crate::rule::Rule;
 use crate::transact::{self, Applied, Transaction, MAX_ATTEMPTS};
 use crate::view::View;
-use crate::{port, Error, Result, Routes};
 use log::{info, warn};
 use std::sync::{Arc, Mutex};
 use switcheroo_sys::Conn;
@@ -69,6 +71,8 @@ struct Link {
 #[derive(Debug)]
 pub(crate) struct Changed<T> {
     pub applied: Applied<T>,
+    /// When the transaction was applied (before the owners were signalled).
+    pub applied_at: std::time::Instant,
     pub signalled: Vec<u32>,
 }
 
@@ -195,13 +199,14 @@ impl Registry {
         plan: impl FnMut(&View<'_>) -> Result<(Plan, T)>,
     ) -> Result<Changed<T>> {
         let applied = self.apply(inserts_into, plan)?;
+        let applied_at = std::time::Instant::now();
         let signalled = retire::signal(&retire::leaving(&applied.removed, &applied.after));
         let dead = retire::dead_ports(&applied.removed);
         if !dead.is_empty() {
             let forgotten = self
                 .in_netns(|| {
                     dead.iter()
-                        .filter(|(_, protocol, port)| port::in_use(*protocol, *port))
+                        .filter(|(_, protocol, port)| bind::in_use(*protocol, *port))
                         .map(|(_, protocol, port)| (*protocol, *port))
                         .collect::<Vec<_>>()
                 })
@@ -217,7 +222,11 @@ impl Registry {
                 warn!("namespace {}: the transaction is done, but the connections of dead instances could not be forgotten: {e}", self.namespace);
             }
         }
-        Ok(Changed { applied, signalled })
+        Ok(Changed {
+            applied,
+            applied_at,
+            signalled,
+        })
     }
 
     /// Rolls the namespace back; see [`plan::rollback`].

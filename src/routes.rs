@@ -1,8 +1,8 @@
 //! Which traffic the redirect applies to.
 
-use crate::Chain;
 use std::fmt;
 use std::ops::{BitOr, BitOrAssign};
+use switcheroo_sys::Chain;
 
 /// The set of routes the public port is redirected for: connections from the network
 /// (`PREROUTING`), from the host itself (`OUTPUT`), or both (the default).

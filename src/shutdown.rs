@@ -1,6 +1,6 @@
 //! Waiting for SIGTERM/SIGINT without a signal handler.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use std::os::fd::{AsFd, BorrowedFd};

@@ -2,8 +2,8 @@
 
 use crate::owner::Owners;
 use crate::record::{Record, Records};
+use crate::routes::Routes;
 use crate::rule::{self, Found, Rule};
-use crate::Routes;
 use log::debug;
 use switcheroo_sys::{Chain, Conn, Error, Family, Handle};
 

@@ -1,17 +1,19 @@
 //! The configuration of one service: namespace, public ports, routes and internal range,
 //! the network namespace it acts in; and the operations on its rules.
 
+use crate::bind::{self, Bound, Socket};
 use crate::check::{self, Finding, Target};
 use crate::comment::valid_namespace;
-use crate::flows::{self, Flows};
+use crate::error::{Error, Result};
+use crate::flows::{self, FlowDrain, FlowTracker, Flows};
 use crate::netns::NetNs;
-use crate::port::{Bound, Mapping, Port, Socket};
+use crate::port::{Mapping, Port};
 use crate::record::Records;
 use crate::registry::{Promotion, Registry, Rollback};
+use crate::routes::Routes;
 use crate::rule::Rule;
 use crate::takeover::Takeover;
 use crate::transact::MAX_ATTEMPTS;
-use crate::{port, Error, Result, Routes};
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::ops::RangeInclusive;
@@ -298,7 +300,7 @@ impl Switcheroo {
         let mut bound = Vec::with_capacity(self.ports.len());
         for public in &self.ports {
             let socket = self.registry.in_netns(|| {
-                port::bind_free(public.protocol, &self.range, &taken, self.namespace())
+                bind::bind_free(public.protocol, &self.range, &taken, self.namespace())
             })??;
             let addr = match &socket {
                 Socket::Tcp(l) => l.local_addr(),
@@ -317,7 +319,10 @@ impl Switcheroo {
             });
         }
         let mappings = bound.iter().map(Bound::mapping).collect();
-        Ok((bound, Takeover::new(self.clone(), mappings)))
+        Ok((
+            bound,
+            Takeover::new(self.registry.clone(), self.routes, mappings),
+        ))
     }
 
     /// The ports as `80/tcp, 443/udp`.
@@ -371,6 +376,13 @@ impl Switcheroo {
         flows::read(&self.registry, port)
     }
 
+    /// A drain of the UDP flows that conntrack maps to the internal port `port`: call
+    /// [`FlowTracker::poll_drain`] every [`FlowTracker::interval`] from any event loop until
+    /// it returns a report, or block in [`FlowTracker::wait`]. The clock starts now.
+    pub fn track_flows(&self, port: u16, drain: &FlowDrain) -> FlowTracker {
+        drain.tracker(&self.registry, port)
+    }
+
     /// [`Switcheroo::flows`] and [`Flows::forget`] in one call: deletes the conntrack
     /// entries that map UDP flows to the internal port `port`, and returns how many there
     /// were.
@@ -409,7 +421,7 @@ impl Switcheroo {
     /// The connections (TCP, not yet closed) and UDP flows that conntrack maps to the
     /// internal ports of `mappings` in the service's network namespace: what an instance
     /// still serves. One filtered dump per family and port; needs CAP_NET_ADMIN.
-    pub fn connections(&self, mappings: &[Mapping]) -> Result<crate::Connections> {
+    pub fn connections(&self, mappings: &[Mapping]) -> Result<crate::instances::Connections> {
         self.registry
             .with_conn(|conn, _| crate::instances::count(conn, mappings))
     }

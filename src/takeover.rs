@@ -2,20 +2,23 @@
 //! instance and removes every older rule of the namespace, then the termination of their
 //! owners.
 
+use crate::error::Result;
 use crate::owner;
 use crate::plan::{self, Deployment};
 use crate::port::Mapping;
+use crate::registry::Registry;
 use crate::role::Role;
+use crate::routes::Routes;
 use crate::rule::Rule;
-use crate::{Result, Switcheroo};
 use log::info;
 use std::time::{Duration, Instant};
 
-/// A bound but not yet public instance; see [`Switcheroo::begin`].
+/// A bound but not yet public instance; see [`Switcheroo::begin`](crate::Switcheroo::begin).
 #[derive(Debug)]
 #[must_use = "nothing is switched until commit() is called"]
 pub struct Takeover {
-    sw: Switcheroo,
+    registry: Registry,
+    routes: Routes,
     mappings: Vec<Mapping>,
     probation: Option<Duration>,
     canary: Option<u8>,
@@ -55,9 +58,10 @@ pub struct Report {
 }
 
 impl Takeover {
-    pub(crate) fn new(sw: Switcheroo, mappings: Vec<Mapping>) -> Self {
+    pub(crate) fn new(registry: Registry, routes: Routes, mappings: Vec<Mapping>) -> Self {
         Takeover {
-            sw,
+            registry,
+            routes,
             mappings,
             probation: None,
             canary: None,
@@ -131,25 +135,24 @@ impl Takeover {
     /// [`crate::Error::CanaryWithoutActive`], [`crate::Error::InvalidCanary`].
     pub fn commit(self) -> Result<Report> {
         let started = Instant::now();
-        let sw = &self.sw;
         let me = owner::this_process();
         let deployment = Deployment {
             me,
             mappings: &self.mappings,
-            routes: sw.routes(),
+            routes: self.routes,
             canary: self.canary,
             probation: self.probation.is_some(),
             moving_from: self.moving_from.as_deref(),
         };
-        let changed = sw.registry().transact(Some(sw.routes()), |view| {
+        let changed = self.registry.transact(Some(self.routes), |view| {
             Ok((plan::deploy(view, &deployment)?, ()))
         })?;
-        let elapsed = started.elapsed();
+        let elapsed = changed.applied_at.saturating_duration_since(started);
         let applied = changed.applied;
         let list: Vec<String> = self.mappings.iter().map(Mapping::to_string).collect();
         info!(
             "namespace {}: {} (pid {}); removed {} older rules in {:?} ({} attempts)",
-            sw.namespace(),
+            self.registry.namespace(),
             list.join(", "),
             me.0,
             applied.removed.len(),

@@ -17,14 +17,16 @@
 //! drive it, as [`Drain`](crate::Drain) and [`DrainTracker`](crate::DrainTracker) do.
 
 use crate::comment::Identity;
+use crate::error::Result;
 use crate::owner;
 use crate::poll::{self, Source, Token};
 use crate::registry::Registry;
 use crate::role::Role;
 use crate::rule::{owners, GroupKey, Rule};
+use crate::shutdown::Shutdown;
+use crate::switcheroo::Switcheroo;
 use crate::takeover::Report;
 use crate::view::View;
-use crate::{Result, Shutdown, Switcheroo};
 use log::{debug, info};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -236,7 +238,7 @@ impl Tenure {
             );
         }
         let first = report.inserted.first().ok_or_else(|| {
-            crate::Error::Netlink(switcheroo_sys::Error::Protocol {
+            crate::error::Error::Netlink(switcheroo_sys::Error::Protocol {
                 op: "starting a tenure".into(),
                 why: "the commit's report holds no inserted rule".into(),
             })

@@ -1,13 +1,14 @@
 //! The retried transaction that applies any [`Plan`]: lock, read, plan, one batch, and on
 //! a conflict read and plan again, all within one budget of attempts.
 
+use crate::error::{Error, Result};
 use crate::lock::Lock;
 use crate::plan::Plan;
 use crate::record::{Key, Records};
+use crate::routes::Routes;
 use crate::rule::{self, Rule};
 use crate::snapshot::{self, Needs, Since, Snapshot};
 use crate::view::View;
-use crate::{Error, Result, Routes};
 use log::{debug, warn};
 use std::time::Duration;
 use switcheroo_sys::{Batch, Chain, Conn, Family, Handle, Op};

@@ -47,7 +47,7 @@ impl Drains {
             .map(|(i, h)| {
                 let tracker = match h.mapping.public.protocol {
                     Protocol::Tcp => Tracker::Tcp(tcp.tracker()),
-                    Protocol::Udp => Tracker::Udp(udp.tracker(sw, h.mapping.internal)),
+                    Protocol::Udp => Tracker::Udp(sw.track_flows(h.mapping.internal, &udp)),
                 };
                 (i, tracker)
             })
