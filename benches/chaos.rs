@@ -2,23 +2,15 @@
 //! deploys and per SIGKILL. `cargo bench --features cli --bench chaos [-- --secs N --seed N]`
 //! as root; it makes its own network namespaces.
 
-#[path = "../tests/chaos/mod.rs"]
-mod chaos;
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/load/mod.rs"]
-mod load;
-mod support;
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
         println!("chaos bench: skipped under `cargo test`; run `cargo bench --features cli --bench chaos`");
         return;
     }
-    let secs = support::arg(&args, "--secs", 300u64);
-    let seed = support::arg(&args, "--seed", rand::random::<u64>());
-    let s = chaos::run(secs, seed);
+    let secs = lab::bench::arg(&args, "--secs", 300u64);
+    let seed = lab::bench::arg(&args, "--seed", rand::random::<u64>());
+    let s = lab::chaos::run(secs, seed);
     println!("## chaos, {secs} s (seed {seed})\n");
     println!("| steps | deploys | SIGKILLs (deployer / old instance / new wrapper / serving wrapper / its server) | churn | requests | failed | failed per 1,000 deploys | failed per SIGKILL | invariant violations |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");

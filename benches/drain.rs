@@ -8,11 +8,7 @@
 //! production: each new `hello` takes over and SIGTERMs the previous one, while client
 //! threads open a new connection per request, from 1,000 loopback addresses and from one.
 
-#[path = "../tests/load/mod.rs"]
-mod load;
-mod support;
-
-use support::{arg, hello_path};
+use lab::bench::{arg, hello_path};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -84,11 +80,11 @@ fn run(drain: bool, deploys: usize, interval: Duration, sources: u32, time_wait:
         std::process::exit(1);
     }
     let mut current = start(drain);
-    let mut plan = load::Plan::new("127.0.0.1:8080".parse().unwrap());
+    let mut plan = lab::load::Plan::new("127.0.0.1:8080".parse().unwrap());
     plan.close_clients = 6;
     plan.keepalive_clients = 0;
     plan.sources = sources;
-    let load = load::Load::start(&plan);
+    let load = lab::load::Load::start(&plan);
     let started = Instant::now();
     let mut reapers: Vec<JoinHandle<Option<Duration>>> = Vec::new();
     for _ in 0..deploys {

@@ -12,11 +12,7 @@
 //! notifications. Failed connections per crash: requests that failed and ended within the
 //! window after the SIGKILL.
 
-#[path = "../tests/load/mod.rs"]
-mod load;
-mod support;
-
-use support::{arg, hello_path};
+use lab::bench::{arg, hello_path};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -73,7 +69,7 @@ fn deleted(monitor: &mut Monitor, pid: u32) -> Option<Instant> {
 }
 
 /// The failed requests that ended within `WINDOW` after each instant of `crashes`.
-fn failed_per_crash(samples: &[load::Sample], crashes: &[Instant]) -> Vec<usize> {
+fn failed_per_crash(samples: &[lab::load::Sample], crashes: &[Instant]) -> Vec<usize> {
     crashes
         .iter()
         .map(|&at| {
@@ -125,7 +121,7 @@ fn main() {
     enter_private_netns();
     let mut monitor = Monitor::open().expect("nf_tables notifications");
 
-    let mut plan = load::Plan::new("127.0.0.1:8080".parse().unwrap());
+    let mut plan = lab::load::Plan::new("127.0.0.1:8080".parse().unwrap());
     plan.close_clients = 3;
     plan.keepalive_clients = 0;
     plan.sources = 1000;
@@ -136,7 +132,7 @@ fn main() {
     // With a probation: A serves; each round B deploys over it with a probation and is
     // SIGKILLed; A takes the port back.
     let (mut a, _) = start(&[]);
-    let load = load::Load::start(&plan);
+    let load = lab::load::Load::start(&plan);
     let started = Instant::now();
     let mut restore = Vec::new();
     let mut on_crashes = Vec::new();
@@ -160,7 +156,7 @@ fn main() {
     // Without a probation: B replaces the current instance (which retires), then dies;
     // nothing serves until the next deploy, which starts the next round.
     let (mut current, _) = start(&[]);
-    let load = load::Load::start(&plan);
+    let load = lab::load::Load::start(&plan);
     let off_rounds = crashes.min(20);
     let mut off_crashes = Vec::new();
     for _ in 0..off_rounds {

@@ -2,12 +2,6 @@
 //! watchers and of a process that commits 1,000 times, after 100 and after 1,000.
 //! `cargo bench --features cli --bench soak [-- --commits N]` as root.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/soak/mod.rs"]
-mod soak;
-mod support;
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--bench") {
@@ -16,8 +10,8 @@ fn main() {
         );
         return;
     }
-    let total = support::arg(&args, "--commits", 1000usize);
-    let s = soak::run(100, total);
+    let total = lab::bench::arg(&args, "--commits", 1000usize);
+    let s = lab::soak::run(100, total);
     println!("## soak: {total} commits of another service in the same chains\n");
-    println!("{}", soak::table(&s));
+    println!("{}", lab::soak::table(&s));
 }

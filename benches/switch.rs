@@ -5,9 +5,6 @@
 //! (unshare(2)), which disappears with the process. Prints a Markdown table and writes
 //! `target/switch-bench.csv` for `ci/bench-report`.
 
-#[path = "../tests/load/mod.rs"]
-mod load;
-
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -246,11 +243,11 @@ fn serve(listener: TcpListener) {
 }
 
 fn conn_rate(target: &str, secs: u64, sources: u32) -> f64 {
-    let mut plan = load::Plan::new(target.parse().unwrap());
+    let mut plan = lab::load::Plan::new(target.parse().unwrap());
     plan.close_clients = 4;
     plan.keepalive_clients = 0;
     plan.sources = sources;
-    let l = load::Load::start(&plan);
+    let l = lab::load::Load::start(&plan);
     std::thread::sleep(Duration::from_secs(secs));
     let started = l.started;
     let stats = l.stop();

@@ -14,22 +14,18 @@
 //! that keep connections open (40 streams, 20 ms apart) and 3 that connect for one stream.
 //! `BENCH_LOG=FILE` appends the examples' stderr (their drain lines) to FILE.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-mod support;
-
-use common::{FlowLog, UdpLoad};
+use lab::bench::arg;
+use lab::{FlowLog, UdpLoad};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::arg;
 use switcheroo::Switcheroo;
 
 fn example(name: &str) -> std::path::PathBuf {
-    support::hello_path().with_file_name(name)
+    lab::bench::hello_path().with_file_name(name)
 }
 
 /// Starts an example; returns it once it printed its ready line.

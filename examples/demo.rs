@@ -8,9 +8,6 @@
 //!
 //! `demo [--deploys N] [--interval-ms MS] [--clients N] [--keepalive-clients N]`
 
-#[path = "../tests/load/mod.rs"]
-mod load;
-
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -152,13 +149,13 @@ fn run(args: &Args) -> Result<(), String> {
         "127.0.0.1:8080".parse().unwrap(),
         "[::1]:8080".parse().unwrap(),
     ];
-    let loads: Vec<load::Load> = targets
+    let loads: Vec<lab::load::Load> = targets
         .iter()
         .map(|t| {
-            let mut plan = load::Plan::new(*t);
+            let mut plan = lab::load::Plan::new(*t);
             plan.close_clients = args.clients.div_ceil(2);
             plan.keepalive_clients = args.keepalive.div_ceil(2);
-            load::Load::start(&plan)
+            lab::load::Load::start(&plan)
         })
         .collect();
     let mut reapers = Vec::new();
@@ -178,7 +175,7 @@ fn run(args: &Args) -> Result<(), String> {
         }));
     }
     std::thread::sleep(args.interval);
-    let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+    let stats: Vec<_> = loads.into_iter().map(lab::load::Load::stop).collect();
     let clean_exits = reapers
         .into_iter()
         .filter_map(|r| r.join().ok())

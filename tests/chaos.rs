@@ -3,13 +3,7 @@
 //! same chains and clients load both services. `CHAOS_SECS` and `CHAOS_SEED` change the
 //! length and replay a run; `cargo bench --bench chaos` runs longer and prints rates.
 
-#[path = "chaos/mod.rs"]
-mod chaos;
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::require_root;
+use lab::require_root;
 
 #[test]
 fn a_minute_of_sigkills_and_churn_keeps_every_invariant_and_leaves_nothing_behind() {
@@ -25,7 +19,7 @@ fn a_minute_of_sigkills_and_churn_keeps_every_invariant_and_leaves_nothing_behin
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("chaos: {secs} s, CHAOS_SEED={seed}");
-    let s = chaos::run(secs, seed);
+    let s = lab::chaos::run(secs, seed);
     eprintln!(
         "chaos: {} steps, {} deploys, {} SIGKILLs (deployer {}, old instance {}, new wrapper {}, serving wrapper {}, its server {}), iptables-nft churned the chains {} times; {} requests, {} failed, {} of them during the {} (step, port) windows whose port had a live instance before and after",
         s.steps,

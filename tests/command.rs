@@ -1,11 +1,7 @@
 //! The `switcheroo` command, run as a user would: in a throwaway network namespace, with
 //! real servers (gunicorn from PyPI, `hello` under socket activation) and in a bare chroot.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{get, pid_of, require_root, Hello, Netns, TempPath, UdpLoad};
+use lab::{get, pid_of, require_root, Hello, Netns, TempPath, UdpLoad};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -129,13 +125,13 @@ fn gunicorn_deployed_eight_times_under_load_fails_no_request() {
     let mut current = run(&ns, &args);
     let mut servers = vec![server_pid(&mut current)];
     let (stats, old) = ns.enter(|| {
-        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+        let loads: Vec<lab::load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
             .iter()
             .map(|t| {
-                let mut plan = load::Plan::new(addr(t));
+                let mut plan = lab::load::Plan::new(addr(t));
                 plan.close_clients = 2;
                 plan.keepalive_clients = 1;
-                load::Load::start(&plan)
+                lab::load::Load::start(&plan)
             })
             .collect();
         let mut old = Vec::new();
@@ -146,15 +142,15 @@ fn gunicorn_deployed_eight_times_under_load_fails_no_request() {
             old.push(std::mem::replace(&mut current, next));
         }
         std::thread::sleep(Duration::from_millis(500));
-        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        let stats: Vec<_> = loads.into_iter().map(lab::load::Load::stop).collect();
         (stats, old)
     });
-    let load::Totals {
+    let lab::load::Totals {
         ok,
         failed,
         samples,
         answered,
-    } = load::Totals::of(&stats);
+    } = lab::load::Totals::of(&stats);
     eprintln!(
         "gunicorn: {DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
         started.elapsed()
@@ -203,11 +199,7 @@ fn a_server_that_is_not_ready_switches_nothing() {
     ];
     let mut first = run(
         &ns,
-        &[
-            &range[..],
-            &["--", common::example("hello").to_str().unwrap()],
-        ]
-        .concat(),
+        &[&range[..], &["--", lab::example("hello").to_str().unwrap()]].concat(),
     );
     let hello_pid = server_pid(&mut first);
     let before = ns.rule_lines();
@@ -350,7 +342,7 @@ fn a_switch_that_fails_exits_1_and_stops_the_server() {
             "--ready",
             "delay:100ms",
             "--",
-            common::example("hello").to_str().unwrap(),
+            lab::example("hello").to_str().unwrap(),
         ],
     );
     drop(lock);
@@ -375,7 +367,7 @@ fn status_lists_every_namespace_and_cleanup_deletes_one() {
         return;
     }
     let ns = Netns::new();
-    let hello = common::example("hello");
+    let hello = lab::example("hello");
     let hello = hello.to_str().unwrap();
     let mut a = run(
         &ns,
@@ -532,7 +524,7 @@ fn the_command_and_the_library_run_in_a_bare_chroot() {
     let root = TempPath::new(&ns, "chroot");
     std::fs::create_dir_all(root.0.join("proc")).unwrap();
     let libs = install_with_libraries(&root.0, Path::new(BIN), "switcheroo");
-    let hello_libs = install_with_libraries(&root.0, &common::example("hello"), "hello");
+    let hello_libs = install_with_libraries(&root.0, &lab::example("hello"), "hello");
     eprintln!("chroot: switcheroo needs {libs:?}; hello needs {hello_libs:?}");
     let mut files = Vec::new();
     list_files(&root.0, &mut files);
@@ -712,7 +704,7 @@ fn a_server_that_only_takes_a_port_binds_it_itself() {
 
 /// `hello` under `switcheroo run` in namespace `web` on port 8080, with `extra` options.
 fn run_hello(ns: &Netns, extra: &[&str]) -> Hello {
-    let hello = common::example("hello");
+    let hello = lab::example("hello");
     let hello = hello.to_str().unwrap();
     let mut args = vec!["-n", "web", "-p", "8080", "--range", "41400-41499"];
     args.extend_from_slice(extra);
@@ -728,7 +720,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     let ns = Netns::new();
     let mut old = run_hello(&ns, &[]);
     let old_server = server_pid(&mut old);
-    let loads = ns.enter(load::timeline_on_both_loopbacks);
+    let loads = ns.enter(lab::load::timeline_on_both_loopbacks);
     std::thread::sleep(Duration::from_millis(300));
     let new = run_hello(&ns, &["--probation", "60s", "--ready", "http:/"]);
     old.line("[");
@@ -744,7 +736,7 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     old.line_containing("takes every new connection again");
     let restored = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    let samples = load::stop_all(loads);
+    let samples = lab::load::stop_all(loads);
     let during = samples
         .iter()
         .filter(|s| s.result.is_err() && s.done >= killed)
@@ -1066,7 +1058,7 @@ fn a_rust_server_takes_a_tcp_and_a_udp_socket_from_run_by_name() {
         return;
     }
     let ns = Netns::new();
-    let echo = common::example("echo");
+    let echo = lab::example("echo");
     let mut h = run(
         &ns,
         &[

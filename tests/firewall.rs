@@ -5,11 +5,7 @@
 //! the fix, connections from a veth peer fail as it predicts, and once its fix is applied
 //! a deploy under load from the peer loses nothing.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{require_root, Netns};
+use lab::{require_root, Netns};
 use std::process::Output;
 use std::time::Duration;
 
@@ -108,11 +104,11 @@ fn firewall_shape(file: &str, chain: &str, fix_starts: &str) {
 
     // Three deploys under load from the peer: nothing lost.
     let loads = peer.enter(|| {
-        let mut plan = load::Plan::new(public.parse().unwrap());
+        let mut plan = lab::load::Plan::new(public.parse().unwrap());
         plan.close_clients = 2;
         plan.keepalive_clients = 1;
         plan.timeout = Duration::from_secs(3);
-        load::Load::start(&plan)
+        lab::load::Load::start(&plan)
     });
     let mut old = Vec::new();
     for _ in 0..3 {
@@ -121,7 +117,7 @@ fn firewall_shape(file: &str, chain: &str, fix_starts: &str) {
     }
     std::thread::sleep(Duration::from_millis(300));
     let stats = loads.stop();
-    let totals = load::Totals::of(&[stats]);
+    let totals = lab::load::Totals::of(&[stats]);
     eprintln!(
         "{file}: after the fix, 3 deploys under load from the peer: {} requests, {} failed",
         totals.ok, totals.failed

@@ -2,23 +2,19 @@
 //! instances as real processes under load (a new connection per request and keep-alive,
 //! IPv4 and IPv6), each test in its own network namespace.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{require_root, Hello, Netns};
+use lab::{require_root, Hello, Netns};
 use std::time::{Duration, Instant};
 use switcheroo::{Role, Rule, Switcheroo};
 
-fn start_load(ns: &Netns) -> Vec<load::Load> {
-    ns.enter(load::timeline_on_both_loopbacks)
+fn start_load(ns: &Netns) -> Vec<lab::load::Load> {
+    ns.enter(lab::load::timeline_on_both_loopbacks)
 }
 
-fn stop_load(loads: Vec<load::Load>) -> Vec<load::Sample> {
-    load::stop_all(loads)
+fn stop_load(loads: Vec<lab::load::Load>) -> Vec<lab::load::Sample> {
+    lab::load::stop_all(loads)
 }
 
-fn failures(samples: &[load::Sample]) -> Vec<&load::Sample> {
+fn failures(samples: &[lab::load::Sample]) -> Vec<&lab::load::Sample> {
     samples.iter().filter(|s| s.result.is_err()).collect()
 }
 
@@ -123,7 +119,7 @@ fn a_probation_that_passes_retires_the_old_instance_and_fails_nothing() {
     let ns = Netns::new();
     let mut old = ns.hello(&[]);
     let mut kept = ns
-        .enter(|| common::KeepAlive::connect("127.0.0.1:8080".parse().unwrap()))
+        .enter(|| lab::KeepAlive::connect("127.0.0.1:8080".parse().unwrap()))
         .unwrap();
     let loads = start_load(&ns);
     std::thread::sleep(Duration::from_millis(300));
@@ -138,11 +134,7 @@ fn a_probation_that_passes_retires_the_old_instance_and_fails_nothing() {
         old.log
     );
     let r = kept.get("/").unwrap();
-    assert_eq!(
-        (common::pid_of(&r.body), r.close),
-        (old.pid, false),
-        "{r:?}"
-    );
+    assert_eq!((lab::pid_of(&r.body), r.close), (old.pid, false), "{r:?}");
     new.line("probation passed retired=");
     old.expect_clean_exit("the old instance after the probation");
     std::thread::sleep(Duration::from_millis(300));
@@ -229,11 +221,11 @@ fn a_canary_of_20_percent_takes_17_to_23_percent_of_new_connections() {
         ["127.0.0.1:8080", "[::1]:8080"]
             .iter()
             .map(|t| {
-                let mut plan = load::Plan::new(t.parse().unwrap());
+                let mut plan = lab::load::Plan::new(t.parse().unwrap());
                 plan.close_clients = 2;
                 plan.keepalive_clients = 0;
                 plan.timeline = true;
-                load::Load::start(&plan)
+                lab::load::Load::start(&plan)
             })
             .collect::<Vec<_>>()
     });

@@ -5,11 +5,7 @@
 //! writer keeps deleting its jump and inserting it again at the head of both chains: no
 //! request fails, and their rules are byte for byte what they were.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{require_root, Netns};
+use lab::{require_root, Netns};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,16 +118,16 @@ fn docker_and_kube_proxy_rules_survive_twenty_deploys_under_load_untouched() {
     };
     let loads = vec![
         ns.enter(|| {
-            let mut plan = load::Plan::new("127.0.0.1:8080".parse().unwrap());
+            let mut plan = lab::load::Plan::new("127.0.0.1:8080".parse().unwrap());
             plan.close_clients = 2;
             plan.keepalive_clients = 1;
-            load::Load::start(&plan)
+            lab::load::Load::start(&plan)
         }),
         peer.enter(|| {
-            let mut plan = load::Plan::new("192.0.2.1:8080".parse().unwrap());
+            let mut plan = lab::load::Plan::new("192.0.2.1:8080".parse().unwrap());
             plan.close_clients = 2;
             plan.keepalive_clients = 1;
-            load::Load::start(&plan)
+            lab::load::Load::start(&plan)
         }),
     ];
     let mut old = Vec::new();
@@ -140,13 +136,13 @@ fn docker_and_kube_proxy_rules_survive_twenty_deploys_under_load_untouched() {
         old.push(std::mem::replace(&mut current, ns.hello(&[])));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+    let stats: Vec<_> = loads.into_iter().map(lab::load::Load::stop).collect();
     stop.store(true, Ordering::SeqCst);
     let moves = writer.join().unwrap();
     for mut h in old {
         h.expect_clean_exit("an old instance");
     }
-    let totals = load::Totals::of(&stats);
+    let totals = lab::load::Totals::of(&stats);
     let after = theirs(&ns);
     let nat = ns.save(false);
     eprintln!(

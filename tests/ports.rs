@@ -2,9 +2,7 @@
 //! service, switched in one transaction) redeployed under load, each test in its own
 //! network namespace.
 
-mod common;
-
-use common::{require_root, version, Hello, Netns, UdpLoad};
+use lab::{require_root, version, Hello, Netns, UdpLoad};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};

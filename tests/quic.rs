@@ -2,9 +2,7 @@
 //! connections open and send streams on them, and others connect afresh for each stream:
 //! no handshake and no stream may fail.
 
-mod common;
-
-use common::{require_root, version, Hello, Netns, TempPath};
+use lab::{require_root, version, Hello, Netns, TempPath};
 use quinn::rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,11 +2,7 @@
 //! requesting, over new connections and over keep-alive connections, on IPv4 and IPv6.
 //! Every request must be answered with a complete 200: none refused, reset or cut short.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{require_root, Netns};
+use lab::{require_root, Netns};
 use std::time::{Duration, Instant};
 
 const DEPLOYS: usize = 20;
@@ -20,13 +16,13 @@ fn twenty_redeploys_under_load_drop_nothing() {
     let mut current = ns.hello(&[]);
     let started = Instant::now();
     let (stats, pids) = ns.enter(|| {
-        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+        let loads: Vec<lab::load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
             .iter()
             .map(|t| {
-                let mut plan = load::Plan::new(t.parse().unwrap());
+                let mut plan = lab::load::Plan::new(t.parse().unwrap());
                 plan.close_clients = 2;
                 plan.keepalive_clients = 1;
-                load::Load::start(&plan)
+                lab::load::Load::start(&plan)
             })
             .collect();
         let mut pids = vec![current.pid];
@@ -38,7 +34,7 @@ fn twenty_redeploys_under_load_drop_nothing() {
             old.push(std::mem::replace(&mut current, next));
         }
         std::thread::sleep(Duration::from_millis(300));
-        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        let stats: Vec<_> = loads.into_iter().map(lab::load::Load::stop).collect();
         for mut h in old {
             let status = h
                 .wait_exit(Duration::from_secs(20))
@@ -52,12 +48,12 @@ fn twenty_redeploys_under_load_drop_nothing() {
         }
         (stats, pids)
     });
-    let load::Totals {
+    let lab::load::Totals {
         ok,
         failed,
         samples,
         answered,
-    } = load::Totals::of(&stats);
+    } = lab::load::Totals::of(&stats);
     eprintln!(
         "{DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",
         started.elapsed()

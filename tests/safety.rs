@@ -1,9 +1,7 @@
 //! Safety under concurrent deploys, foreign writers, PID reuse, crashes, bad input and
 //! missing privileges; each test in its own throwaway network namespace.
 
-mod common;
-
-use common::{get, pid_of, require_root, Netns};
+use lab::{get, pid_of, require_root, Netns};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,7 +77,7 @@ fn eight_concurrent_deploys_leave_one_rule_set_and_one_instance() {
     let ns = Netns::new();
     let first = ns.hello(&[]);
     let probe = Probe::start(&ns);
-    let racers: Vec<common::Hello> = std::thread::scope(|s| {
+    let racers: Vec<lab::Hello> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8).map(|_| s.spawn(|| ns.hello(&[]))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -147,7 +145,7 @@ fn fifteen_deploys_succeed_while_iptables_nft_edits_the_same_chains() {
                 }
             });
         }
-        let _stop = common::StopOnDrop(&stop);
+        let _stop = lab::StopOnDrop(&stop);
         let mut last = None;
         for _ in 0..15 {
             let mut h = ns.hello(&[]);
@@ -265,7 +263,7 @@ fn a_busy_foreign_netlink_writer_cannot_starve_the_switch() {
     let stop = AtomicBool::new(false);
     let (attempts, ops) = std::thread::scope(|s| {
         let writer = s.spawn(|| hammer(&ns, &stop));
-        let _stop = common::StopOnDrop(&stop);
+        let _stop = lab::StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(50));
         let attempts: Vec<u32> = ns.enter(|| {
             let sw = Switcheroo::builder("busy", 8080).build().unwrap();
@@ -302,7 +300,7 @@ fn commits_get_through_while_another_writer_deletes_their_rules() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let t = s.spawn(|| thief(&ns, &stop));
-        let _stop = common::StopOnDrop(&stop);
+        let _stop = lab::StopOnDrop(&stop);
         let total: u32 = ns.enter(|| {
             let sw = Switcheroo::builder("victim", 8080).build().unwrap();
             let mut listeners = Vec::new();
@@ -442,7 +440,7 @@ fn a_crash_before_commit_leaves_nothing_and_after_commit_is_replaced() {
     // Killed between begin and commit: the ruleset is as it was.
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
-        .arg(common::example("hello"))
+        .arg(lab::example("hello"))
         .args(["--hold-ms", "60000"])
         .stderr(std::process::Stdio::piped());
     let mut held = cmd.spawn().unwrap();
@@ -510,7 +508,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         .copied()
         .chain([(&["--range", "41000-41001"][..], "no free port")])
     {
-        let mut full = vec![common::example("hello").to_string_lossy().into_owned()];
+        let mut full = vec![lab::example("hello").to_string_lossy().into_owned()];
         full.extend(args.iter().map(|a| a.to_string()));
         let out = ns.exec(&full.iter().map(String::as_str).collect::<Vec<_>>());
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -538,7 +536,7 @@ fn without_cap_net_admin_nothing_changes_and_the_error_says_why() {
         "--regid=65534",
         "--clear-groups",
         "--inh-caps=-all",
-        common::example("hello").to_str().unwrap(),
+        lab::example("hello").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -618,7 +616,7 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
     }
     let ns = Netns::new();
     ns.run("iptables-nft -t nat -I PREROUTING -p tcp --dport 7777 -j RETURN");
-    let dir = common::TempPath::new(&ns, "records");
+    let dir = lab::TempPath::new(&ns, "records");
     let mut a = ns.hello(&["--record-dir", dir.as_str()]);
     let path = record_path(&dir.0, "hello");
     let text = std::fs::read_to_string(&path).expect("the commit left a record");
@@ -670,7 +668,7 @@ fn a_forged_commit_record_cannot_make_a_deploy_touch_foreign_rules() {
 }
 
 /// `lock_wait=<µs>` and `attempts=<n>` from hello's `switched` line.
-fn switch_figures(h: &mut common::Hello) -> (u64, u32) {
+fn switch_figures(h: &mut lab::Hello) -> (u64, u32) {
     let line = h.line("switched");
     let field = |name: &str| {
         line.split_whitespace()
@@ -817,7 +815,7 @@ fn a_record_of_a_deleted_namespace_never_hides_a_rule_of_a_new_one() {
     }
     use std::os::unix::fs::MetadataExt;
     let ns1 = Netns::new();
-    let dir = common::TempPath::new(&ns1, "records");
+    let dir = lab::TempPath::new(&ns1, "records");
     let inode = |ns: &Netns| {
         std::fs::metadata(format!("/run/netns/{}", ns.name))
             .unwrap()
@@ -825,7 +823,7 @@ fn a_record_of_a_deleted_namespace_never_hides_a_rule_of_a_new_one() {
     };
     let ino1 = inode(&ns1);
     let old = ns1.hello(&["--record-dir", dir.as_str()]);
-    let (pid, port, start) = (old.pid, old.port, common::start_time(old.pid));
+    let (pid, port, start) = (old.pid, old.port, lab::start_time(old.pid));
     let (generation, recorded) = read_record(&record_path(&dir.0, "hello"));
     assert_eq!(recorded.len(), 4, "{recorded:?}");
     drop(old);
@@ -938,7 +936,7 @@ fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
                 }
             })
         });
-        let _stop = common::StopOnDrop(&stop);
+        let _stop = lab::StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(100));
         ns.enter(|| {
             let sw = Switcheroo::builder("flushed", 8080).build().unwrap();

@@ -2,11 +2,7 @@
 //! README's "Servers in other languages", deployed 8 times under keep-alive load (and new
 //! connections), on IPv4 and IPv6: no request may fail. The apps are in `tests/servers/`.
 
-mod common;
-#[path = "load/mod.rs"]
-mod load;
-
-use common::{require_root, Hello, Netns};
+use lab::{require_root, Hello, Netns};
 use std::process::Command;
 use std::time::Duration;
 
@@ -63,13 +59,13 @@ fn deployed_under_keepalive_load(name: &str, options: &[&str], server: &[&str]) 
     args.extend_from_slice(server);
     let mut current = run(&ns, &args);
     let (stats, old) = ns.enter(|| {
-        let loads: Vec<load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
+        let loads: Vec<lab::load::Load> = ["127.0.0.1:8080", "[::1]:8080"]
             .iter()
             .map(|t| {
-                let mut plan = load::Plan::new(t.parse().unwrap());
+                let mut plan = lab::load::Plan::new(t.parse().unwrap());
                 plan.close_clients = 1;
                 plan.keepalive_clients = 2;
-                load::Load::start(&plan)
+                lab::load::Load::start(&plan)
             })
             .collect();
         let mut old = Vec::new();
@@ -78,10 +74,10 @@ fn deployed_under_keepalive_load(name: &str, options: &[&str], server: &[&str]) 
             old.push(std::mem::replace(&mut current, run(&ns, &args)));
         }
         std::thread::sleep(Duration::from_millis(500));
-        let stats: Vec<_> = loads.into_iter().map(load::Load::stop).collect();
+        let stats: Vec<_> = loads.into_iter().map(lab::load::Load::stop).collect();
         (stats, old)
     });
-    let totals = load::Totals::of(&stats);
+    let totals = lab::load::Totals::of(&stats);
     eprintln!(
         "{name}: {DEPLOYS} deploys under keep-alive load: {} requests answered, {} failed",
         totals.ok, totals.failed

@@ -2,9 +2,7 @@
 //! network namespace, clients on loopback and in a second namespace behind a veth pair,
 //! and the ruleset as `iptables-nft-save` prints it.
 
-mod common;
-
-use common::{
+use lab::{
     expected_rule, get, pid_of, require_root, start_time, Hello, KeepAlive, Netns, TempPath,
 };
 use std::net::SocketAddr;

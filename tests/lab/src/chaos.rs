@@ -7,17 +7,12 @@
 //!
 //! Shared by `tests/chaos.rs` (about a minute) and `benches/chaos.rs` (longer).
 
-use crate::common::{example, get, pid_of, Hello, Netns};
 use crate::load;
+use crate::{example, get, pid_of, Hello, Netns};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The switcheroo command, built by cargo for this test or bench.
-pub fn bin() -> std::path::PathBuf {
-    env!("CARGO_BIN_EXE_switcheroo").into()
-}
 
 /// What a run did.
 #[derive(Debug, Default)]
@@ -145,7 +140,7 @@ fn deploy_wrapped(ns: &Netns) -> (Hello, u32) {
     let hello = example("hello");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
-        .arg(bin())
+        .arg(crate::switcheroo_bin())
         .args(WRAP)
         .arg(&hello);
     // hello under activation prints `ready pid=<its pid> port=<fd 3's port>`.
@@ -248,7 +243,7 @@ pub fn run(secs: u64, seed: u64) -> Summary {
                     retired.extend(wrapped.replace(deploy_wrapped(&ns)).map(|(h, _)| h));
                 } else {
                     let args = [&WRAP[..], &[hello.to_str().unwrap()]].concat();
-                    let mut child = spawn(&ns, &bin(), &args);
+                    let mut child = spawn(&ns, &crate::switcheroo_bin(), &args);
                     std::thread::sleep(Duration::from_micros(rng.below(60_000)));
                     kill9(child.id());
                     let _ = child.wait();

@@ -6,7 +6,7 @@
 //! Shared by `tests/soak.rs` (which asserts that no descriptor leaks) and
 //! `benches/soak.rs` (which prints the figures).
 
-use crate::common::{example, Hello, Netns};
+use crate::{example, Hello, Netns};
 use std::process::Command;
 use switcheroo::Switcheroo;
 
@@ -52,7 +52,7 @@ pub fn run(early: usize, total: usize) -> Soak {
     ]);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
-        .arg(env!("CARGO_BIN_EXE_switcheroo"))
+        .arg(crate::switcheroo_bin())
         .args([
             "run",
             "-n",

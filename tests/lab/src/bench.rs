@@ -1,5 +1,4 @@
-//! What the benches that start `hello` as real processes share.
-#![allow(dead_code)]
+//! What the benches share: the release `hello` beside them, and their arguments.
 
 /// `target/release/examples/hello`, beside the bench binary's `target/release/deps`.
 pub fn hello_path() -> std::path::PathBuf {

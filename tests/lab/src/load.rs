@@ -3,9 +3,7 @@
 //! request, some over keep-alive connections, and count every request that was not
 //! answered with a complete `200`.
 //!
-//! Shared by `tests/`, `examples/demo.rs` and `benches/` through `#[path]` includes, so it
-//! uses std only.
-#![allow(dead_code)]
+//! Used by `tests/`, `examples/demo.rs` and `benches/`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
