@@ -1,4 +1,4 @@
-//! Chaos for longer (see `tests/chaos/mod.rs`), with the rates: failed requests per 1,000
+//! Chaos for longer (see `tests/lab/src/chaos.rs`), with the rates: failed requests per 1,000
 //! deploys and per SIGKILL. `cargo bench --features cli --bench chaos [-- --secs N --seed N]`
 //! as root; it makes its own network namespaces.
 

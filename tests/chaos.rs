@@ -1,4 +1,4 @@
-//! About a minute of chaos (see `tests/chaos/mod.rs`): SIGKILLs at random moments to
+//! About a minute of chaos (see `tests/lab/src/chaos.rs`): SIGKILLs at random moments to
 //! deployers, old instances, wrappers and their servers, while iptables-nft churns the
 //! same chains and clients load both services. `CHAOS_SECS` and `CHAOS_SEED` change the
 //! length and replay a run; `cargo bench --bench chaos` runs longer and prints rates.
