@@ -384,7 +384,8 @@ fn main() {
     );
 
     // Memory: resident memory per instance, from 100 instances that have each begun (so
-    // hold their socket, buffers and listener) and committed.
+    // hold their socket, buffers and listener) and committed: 100 services, each on a
+    // public port of its own (two services may not share one).
     let rss = || {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         status
@@ -396,7 +397,7 @@ fn main() {
     let before = rss();
     let instances: Vec<_> = (0..100)
         .map(|i| {
-            let sw = Switcheroo::builder(format!("memory{i}"), 8090)
+            let sw = Switcheroo::builder(format!("memory{i}"), 8100 + i)
                 .port_range(43000..=43999)
                 .build()
                 .unwrap();

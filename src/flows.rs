@@ -160,7 +160,7 @@ impl FlowTracker {
 /// The UDP flows (both families) that conntrack maps to `port` in the registry's network
 /// namespace.
 fn flows_to(registry: &Registry, port: u16) -> Result<Vec<Entry>> {
-    registry.with_conn(|conn, _| {
+    registry.with_conn(|conn| {
         let mut all = Vec::new();
         for family in Family::ALL {
             all.extend(conn.conntrack_to_port(family, Protocol::Udp, port)?);
@@ -262,7 +262,7 @@ impl Flows {
             port,
             entries,
         } = self;
-        registry.with_conn(|conn, _| {
+        registry.with_conn(|conn| {
             let forgotten = conn.delete_conntrack_all(&entries)?;
             if forgotten > 0 {
                 log::debug!(

@@ -17,6 +17,12 @@
 //! - the commit batch deletes it as its last operation: the release is part of the
 //!   transaction.
 //!
+//! A commit's first attempt does not wait for the lock: its batch creates the lock table
+//! as its first operation and deletes it as its last, and is bound to the generation of
+//! its read. The kernel refuses it whole if another socket holds the lock or anything
+//! changed since the read; only then is the lock taken in a transaction of its own, as
+//! above, and held across the next read.
+//!
 //! Foreign writers need no lock: our batch deletes only handles it read and inserts at the
 //! head, so they cannot make it do anything wrong, only fail (ENOENT) and retry. On a
 //! kernel without owned tables (before 5.12) there is no lock, and every batch is bound to
@@ -43,11 +49,27 @@ pub(crate) enum Lock {
 }
 
 impl Lock {
+    /// The table that is the lock of `namespace`.
+    pub fn table(namespace: &str) -> Result<OwnedTable> {
+        Ok(OwnedTable::new(format!("switcheroo-lock-{namespace}"))?)
+    }
+
+    /// The operations that take and release the lock of `namespace` inside one batch, at
+    /// its start and its end: the batch is refused whole while another socket holds the
+    /// lock, and leaves it free.
+    pub fn within_batch(namespace: &str) -> Result<(Op, Op)> {
+        let table = Lock::table(namespace)?;
+        Ok((
+            Op::AddOwnedTable(table.clone()),
+            Op::DeleteOwnedTable(table),
+        ))
+    }
+
     /// Takes the lock of `namespace` on `conn`, waiting up to [`WAIT`] while another
     /// socket holds it. Returns how long it waited for the other holder: zero when the
     /// lock was free.
     pub fn acquire(conn: &mut Conn, namespace: &str) -> Result<(Lock, Duration)> {
-        let table = OwnedTable::new(format!("switcheroo-lock-{namespace}"))?;
+        let table = Lock::table(namespace)?;
         let mut batch = Batch::new(None);
         batch.push(Op::AddOwnedTable(table.clone()));
         let started = Instant::now();

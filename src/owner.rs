@@ -52,24 +52,72 @@ pub(crate) fn is_alive(id: &Identity) -> bool {
     matches(id, start_time(id.pid))
 }
 
-/// The liveness of the owners named by one read of the ruleset: each pid's
-/// `/proc/<pid>/stat` is read once, however many rules name it (an instance has a rule per
-/// port, chain and family).
+/// The owners named by one read of the ruleset, each looked at once however many rules name
+/// it (an instance has a rule per port, chain and family): a pidfd opened first, then one
+/// read of `/proc/<pid>/stat`. While the pidfd is held it names that very process, so a
+/// later signal needs no second look (see [`Owners::terminate`]).
 #[derive(Debug, Default)]
 pub(crate) struct Owners {
-    seen: HashMap<u32, Option<u64>>,
+    seen: HashMap<u32, Seen>,
+}
+
+/// One pid as a read found it.
+#[derive(Debug)]
+struct Seen {
+    /// Its start time, if it ran when it was read.
+    start: Option<u64>,
+    /// A pidfd opened before that read (none for this process, or without pidfds).
+    fd: Option<PidFd>,
 }
 
 impl Owners {
-    /// Whether `id`'s process runs (see [`is_alive`]).
+    fn look(&mut self, pid: u32) -> &Seen {
+        self.seen.entry(pid).or_insert_with(|| {
+            let (me, start) = this_process();
+            if pid == me {
+                return Seen { start, fd: None };
+            }
+            // Opened first, read second: the start time read is that of the process the
+            // pidfd names (a pid reused in between shows another start time).
+            let fd = PidFd::open(pid).ok();
+            Seen {
+                start: start_time(pid),
+                fd,
+            }
+        })
+    }
+
+    /// Whether `id`'s process runs (see [`is_alive`]). This process is alive without a
+    /// look at `/proc`.
     pub fn is_alive(&mut self, id: &Identity) -> bool {
-        let now = *self
-            .seen
-            .entry(id.pid)
-            .or_insert_with(|| start_time(id.pid));
-        matches(id, now)
+        matches(id, self.look(id.pid).start)
+    }
+
+    /// [`terminate`] for an owner this read looked at: through the pidfd it opened before
+    /// it read the start time, so without reading it again.
+    pub fn terminate(&mut self, id: &Identity) -> Termination {
+        if id.pid == std::process::id() {
+            return Termination::Myself;
+        }
+        let Some(expected) = id.start else {
+            return Termination::Unverifiable;
+        };
+        let seen = self.look(id.pid);
+        match (seen.start, &seen.fd) {
+            (None, _) => Termination::Gone,
+            (Some(now), _) if now != expected => Termination::Reused,
+            (Some(_), Some(fd)) => match fd.send_signal(SIGTERM) {
+                Ok(()) => Termination::Signalled,
+                Err(Errno::ESRCH) => Termination::Gone,
+                Err(e) => Termination::Failed(e),
+            },
+            // No pidfd (before Linux 5.3): the check and the signal the long way.
+            (Some(_), None) => terminate(id),
+        }
     }
 }
+
+const SIGTERM: i32 = nix::sys::signal::Signal::SIGTERM as i32;
 
 /// What happened when the owner of a removed rule was to be terminated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +161,12 @@ pub(crate) fn terminate(id: &Identity) -> Termination {
         Some(now) if now != expected => return Termination::Reused,
         Some(_) => {}
     }
-    let sigterm = nix::sys::signal::Signal::SIGTERM;
     let sent = match &pidfd {
-        Some(fd) => fd.send_signal(sigterm as i32),
-        None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(id.pid as i32), sigterm),
+        Some(fd) => fd.send_signal(SIGTERM),
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(id.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        ),
     };
     match sent {
         Ok(()) => Termination::Signalled,
@@ -125,11 +175,12 @@ pub(crate) fn terminate(id: &Identity) -> Termination {
     }
 }
 
-/// SIGTERMs each of `owners`, after its identity check; returns the pids signalled.
-pub(crate) fn terminate_all(owners: &[Identity]) -> Vec<u32> {
+/// SIGTERMs each of `leaving`, after its identity check (through `owners`, the read that
+/// found them); returns the pids signalled.
+pub(crate) fn terminate_all(leaving: &[Identity], owners: &mut Owners) -> Vec<u32> {
     let mut signalled = Vec::new();
-    for id in owners {
-        match terminate(id) {
+    for id in leaving {
+        match owners.terminate(id) {
             Termination::Signalled => {
                 info!("sent SIGTERM to pid {} (port {})", id.pid, id.port);
                 signalled.push(id.pid);
@@ -166,11 +217,39 @@ mod tests {
         assert!(is_alive(&id));
         assert!(Owners::default().is_alive(&id));
         assert_eq!(terminate(&id), Termination::Myself);
+        assert_eq!(Owners::default().terminate(&id), Termination::Myself);
         let older = Identity {
             start: start.map(|s| s + 1),
             ..id
         };
         assert!(!is_alive(&older));
+    }
+
+    #[test]
+    fn an_owner_read_once_is_signalled_through_its_pidfd_and_a_reused_pid_is_not() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = start_time(pid);
+        let id = |start| Identity {
+            namespace: "t".into(),
+            port: 1,
+            pid,
+            start,
+        };
+        let mut owners = Owners::default();
+        assert!(owners.is_alive(&id(start)));
+        assert_eq!(
+            owners.terminate(&id(start.map(|s| s + 1))),
+            Termination::Reused
+        );
+        assert_eq!(owners.terminate(&id(None)), Termination::Unverifiable);
+        assert_eq!(owners.terminate(&id(start)), Termination::Signalled);
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(15));
     }
 
     #[test]

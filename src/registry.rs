@@ -12,6 +12,7 @@ use crate::record::{Key, Records};
 use crate::retire;
 use crate::routes::Routes;
 use crate::rule::Rule;
+use crate::snapshot::Remembered;
 use crate::transact::{self, Applied, Transaction, MAX_ATTEMPTS};
 use crate::view::View;
 use log::{info, warn};
@@ -60,11 +61,13 @@ pub(crate) struct Registry {
     link: Arc<Mutex<Option<Link>>>,
 }
 
-/// The open netlink socket, and the key of the commit record of its network namespace.
+/// The open netlink socket, the key of the commit record of its network namespace, and
+/// what the last transaction on it left.
 #[derive(Debug)]
 struct Link {
     conn: Conn,
     key: Option<Key>,
+    memory: Option<Remembered>,
 }
 
 /// What a transaction did, and the owners it then signalled.
@@ -120,9 +123,15 @@ impl Registry {
     /// the commit record of that namespace when records are on. After a failure the socket
     /// is dropped (releasing anything it held), so the next call starts from a fresh one,
     /// again in the same namespace.
-    pub fn with_conn<T>(
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        self.with_link(|conn, _, _| f(conn))
+    }
+
+    /// [`Registry::with_conn`] with the commit record (when records are on) and the memory
+    /// of the last transaction on the socket.
+    fn with_link<T>(
         &self,
-        f: impl FnOnce(&mut Conn, Option<(&Records, &Key)>) -> Result<T>,
+        f: impl FnOnce(&mut Conn, Option<(&Records, &Key)>, &mut Option<Remembered>) -> Result<T>,
     ) -> Result<T> {
         // A panic while holding the lock leaves at worst a socket with unread replies,
         // which sequence numbers already tell apart; keep going.
@@ -139,14 +148,18 @@ impl Registry {
                     }
                     (None, _) => None,
                 };
-                guard.insert(Link { conn, key })
+                guard.insert(Link {
+                    conn,
+                    key,
+                    memory: None,
+                })
             }
         };
         let record = match (&self.records, &link.key) {
             (Some(records), Some(key)) => Some((records, key)),
             _ => None,
         };
-        let result = f(&mut link.conn, record);
+        let result = f(&mut link.conn, record, &mut link.memory);
         if result.is_err() {
             *guard = None;
         }
@@ -162,7 +175,7 @@ impl Registry {
     /// Every switcheroo rule of the nat chains (of every namespace), chain by chain, top
     /// down, with roles and liveness. Four filtered dumps.
     pub fn read(&self) -> Result<Vec<Rule>> {
-        self.with_conn(|conn, _| Ok(transact::read(conn, self.max_attempts)?.rules))
+        self.with_conn(|conn| Ok(transact::read(conn, self.max_attempts)?.rules))
     }
 
     /// This namespace's rules.
@@ -179,14 +192,14 @@ impl Registry {
         inserts_into: Option<Routes>,
         plan: impl FnMut(&View<'_>) -> Result<(Plan, T)>,
     ) -> Result<Applied<T>> {
-        self.with_conn(|conn, record| {
+        self.with_link(|conn, record, memory| {
             Transaction {
                 namespace: &self.namespace,
                 max_attempts: self.max_attempts,
                 record,
                 inserts_into,
             }
-            .run(conn, plan)
+            .run(conn, memory, plan)
         })
     }
 
@@ -200,7 +213,9 @@ impl Registry {
     ) -> Result<Changed<T>> {
         let applied = self.apply(inserts_into, plan)?;
         let applied_at = std::time::Instant::now();
-        let signalled = retire::signal(&retire::leaving(&applied.removed, &applied.after));
+        let mut applied = applied;
+        let leaving = retire::leaving(&applied.removed, &applied.after);
+        let signalled = retire::signal(&leaving, &mut applied.owners);
         let dead = retire::dead_ports(&applied.removed);
         if !dead.is_empty() {
             let forgotten = self
@@ -211,7 +226,7 @@ impl Registry {
                         .collect::<Vec<_>>()
                 })
                 .and_then(|rebound| {
-                    self.with_conn(|conn, _| {
+                    self.with_conn(|conn| {
                         retire::forget_dead(conn, &dead, |protocol, port| {
                             rebound.contains(&(protocol, port))
                         });

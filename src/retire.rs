@@ -35,9 +35,9 @@ pub(crate) fn dead_ports(removed: &[Rule]) -> Vec<(Family, Protocol, u16)> {
 }
 
 /// Sends SIGTERM to each owner in `leaving` (never this process), after its identity
-/// check; returns the pids signalled.
-pub(crate) fn signal(leaving: &[Identity]) -> Vec<u32> {
-    owner::terminate_all(leaving)
+/// check by `owners`, the read that planned the transaction; returns the pids signalled.
+pub(crate) fn signal(leaving: &[Identity], owners: &mut owner::Owners) -> Vec<u32> {
+    owner::terminate_all(leaving, owners)
 }
 
 /// Deletes the conntrack entries that still map connections and flows to each of `ports`

@@ -15,6 +15,8 @@ pub(crate) struct Snapshot {
     pub generation: Option<u32>,
     pub rules: Vec<Rule>,
     pub missing: Vec<(Family, Chain)>,
+    /// The owners the rules name, each looked at once (and held by a pidfd).
+    pub owners: Owners,
 }
 
 /// Where a snapshot may come from without dumps: the record of the namespace's last
@@ -25,6 +27,33 @@ pub(crate) struct Since<'a> {
     pub records: &'a Records,
     pub key: &'a crate::record::Key,
     pub own: u32,
+}
+
+/// What this process's last transaction on the same socket left: every switcheroo rule of
+/// the chains after it, and the generation it moved the ruleset to. While the generation is
+/// still that one, nothing has changed the ruleset since, so these are exactly the rules the
+/// dumps would return (only their owners' liveness must be read again). Kept in memory,
+/// beside the socket it was learnt on, so it can belong to no other network namespace and
+/// dies with the socket.
+#[derive(Debug, Clone)]
+pub(crate) struct Remembered {
+    pub generation: u32,
+    pub rules: Vec<Rule>,
+}
+
+impl Remembered {
+    /// What a batch bound to `generation` left when it applied: the kernel moves the
+    /// generation by one per transaction (skipping 0 when it wraps).
+    pub fn after_bound_batch(generation: u32, rules: Vec<Rule>) -> Remembered {
+        let next = match generation.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        Remembered {
+            generation: next,
+            rules,
+        }
+    }
 }
 
 /// What a read needs besides the rules.
@@ -56,6 +85,7 @@ pub(crate) fn read(
     conn: &mut Conn,
     mut needs: Needs,
     since: Option<Since<'_>>,
+    memory: Option<&Remembered>,
 ) -> Result<Snapshot, Error> {
     if let Some(since) = since {
         if let Some(snap) = from_record(conn, since, &needs)? {
@@ -63,17 +93,24 @@ pub(crate) fn read(
         }
         needs.generation = true;
     }
+    let mut known = None;
+    if needs.generation {
+        let generation = conn.generation()?;
+        if let Some(snap) = memory.and_then(|m| from_memory(m, generation, &needs)) {
+            return Ok(snap);
+        }
+        known = Some(generation);
+    }
     loop {
-        let generation = if needs.generation {
-            Some(conn.generation()?)
-        } else {
-            None
+        let generation = match known.take() {
+            Some(generation) => Some(generation),
+            None if needs.generation => Some(conn.generation()?),
+            None => None,
         };
         let mut snap = Snapshot {
             generation,
             ..Snapshot::default()
         };
-        let mut owners = Owners::default();
         for family in Family::ALL {
             for chain in Chain::ALL {
                 let entries = conn.list_rules(family, chain)?;
@@ -82,7 +119,7 @@ pub(crate) fn read(
                 }
                 let found = entries
                     .into_iter()
-                    .filter_map(|entry| Found::parse(entry, &mut owners))
+                    .filter_map(|entry| Found::parse(entry, &mut snap.owners))
                     .collect();
                 snap.rules.extend(rule::place(found));
             }
@@ -92,6 +129,43 @@ pub(crate) fn read(
         }
         needs.generation = true;
     }
+}
+
+/// The snapshot from what this process's last transaction left, if the ruleset is still at
+/// the generation it left (`generation`, just read) and every wanted chain holds one of its
+/// rules (so it exists): the same rules, their owners' liveness read again.
+fn from_memory(memory: &Remembered, generation: u32, needs: &Needs) -> Option<Snapshot> {
+    if memory.generation != generation {
+        return None;
+    }
+    let covered = Family::ALL.into_iter().all(|family| {
+        Chain::ALL.into_iter().all(|chain| {
+            !needs.wants(chain)
+                || memory
+                    .rules
+                    .iter()
+                    .any(|r| (r.family, r.chain) == (family, chain))
+        })
+    });
+    if !covered {
+        return None;
+    }
+    let mut owners = Owners::default();
+    let rules = memory
+        .rules
+        .iter()
+        .map(|r| Rule {
+            alive: owners.is_alive(&r.identity()),
+            ..r.clone()
+        })
+        .collect();
+    debug!("generation {generation} unchanged since this process's last transaction; no dump");
+    Some(Snapshot {
+        generation: Some(generation),
+        rules,
+        missing: Vec::new(),
+        owners,
+    })
 }
 
 /// The snapshot from the record of the namespace's last commit, if the ruleset generation
@@ -159,6 +233,7 @@ fn from_record(
         generation: Some(generation),
         rules,
         missing: Vec::new(),
+        owners,
     }))
 }
 

@@ -423,7 +423,7 @@ impl Switcheroo {
     /// still serves. One filtered dump per family and port; needs CAP_NET_ADMIN.
     pub fn connections(&self, mappings: &[Mapping]) -> Result<crate::instances::Connections> {
         self.registry
-            .with_conn(|conn, _| crate::instances::count(conn, mappings))
+            .with_conn(|conn| crate::instances::count(conn, mappings))
     }
 
     /// [`check::diagnose`] for this service (its namespace, ports and internal range) in

@@ -7,7 +7,7 @@ use crate::plan::Plan;
 use crate::record::{Key, Records};
 use crate::routes::Routes;
 use crate::rule::{self, Rule};
-use crate::snapshot::{self, Needs, Since, Snapshot};
+use crate::snapshot::{self, Needs, Remembered, Since, Snapshot};
 use crate::view::View;
 use log::{debug, warn};
 use std::time::Duration;
@@ -46,8 +46,12 @@ pub(crate) struct Applied<T> {
     pub after: Vec<Rule>,
     /// How many attempts were made (reads and batches that met a change count alike).
     pub attempts: u32,
-    /// How long the lock was waited for.
+    /// How long the lock was waited for (zero when the first attempt needed none).
     pub lock_wait: Duration,
+    /// Whether a batch was applied (a plan that changes nothing sends none).
+    pub changed: bool,
+    /// The owners the read found, each looked at once: what signals the leaving ones.
+    pub owners: crate::owner::Owners,
 }
 
 /// The attempts made so far, against the budget.
@@ -92,38 +96,98 @@ pub(crate) fn read(conn: &mut Conn, max_attempts: u32) -> Result<Snapshot> {
     };
     loop {
         attempts.made += 1;
-        match snapshot::read(conn, Needs::default(), None) {
+        match snapshot::read(conn, Needs::default(), None, None) {
             Err(e) if e.is_conflict() => attempts.after_conflict("(read)", e)?,
             other => return Ok(other?),
         }
     }
 }
 
+/// How one attempt ended, when it did not fail for good.
+enum Tried<T> {
+    Applied(Applied<T>),
+    /// Nothing was applied: the ruleset changed under the read or the batch.
+    Conflict(switcheroo_sys::Error),
+}
+
+/// What keeps an attempt's batch from applying to a ruleset that changed since its read.
+#[derive(Clone, Copy)]
+enum Guard<'a> {
+    /// The batch is bound to the generation of its read: any change at all refuses it.
+    Generation,
+    /// The namespace's commit lock is held; the batch releases it.
+    Lock(&'a Lock),
+}
+
 impl Transaction<'_> {
-    /// Takes the namespace's lock, then plans with `plan` on a fresh view of the chains and
-    /// applies the plan in one batch, releasing the lock in the same batch. On a conflict
-    /// (a dump interrupted, a handle vanished, a table or chain deleted under the batch, or
-    /// the generation moved where the batch is bound to it) nothing was applied, so it
-    /// reads and plans again after a short random pause, up to `max_attempts` attempts in
-    /// all. A plan that changes nothing sends no batch.
+    /// Plans with `plan` on a fresh view of the chains and applies the plan in one batch.
+    /// A plan that changes nothing sends no batch.
     ///
-    /// The batch is bound to the generation of its read only where that matters: when it
-    /// creates the table or chains (a concurrent creator), or when the kernel has no lock
-    /// to offer. Otherwise the lock keeps our own instances apart and deletion by handle
-    /// keeps foreign writers harmless, so a busy foreign writer cannot starve the switch.
+    /// The first attempt takes no lock: its batch is bound to the generation of its read,
+    /// so the kernel refuses it if anything at all changed the ruleset meanwhile (another
+    /// instance of the namespace included). That is the common case, and costs no
+    /// transaction besides the batch itself. After a conflict, the namespace's commit lock
+    /// is taken and every further attempt runs under it, its batch releasing the lock: the
+    /// lock keeps our own instances apart and deletion by handle keeps foreign writers
+    /// harmless, so a busy foreign writer (which would refuse every bound batch) cannot
+    /// starve the switch. Under the lock a batch is bound to the generation only where that
+    /// matters: when it creates the table or chains (a concurrent creator), or when the
+    /// kernel has no lock to offer. Conflicts (a dump interrupted, a handle vanished, a
+    /// table or chain deleted under the batch, the generation moved) are retried after a
+    /// short random pause, up to `max_attempts` attempts in all.
     ///
     /// An ENOENT on a write is either a table or chain deleted meanwhile or a part the
     /// kernel lacks; the first time, the kernel is probed for every part of the rule
     /// ([`Conn::probe_support`]): [`Error::Unsupported`] if one is missing, else a
     /// conflict like any other (the next read finds the chain gone and recreates it).
+    ///
+    /// `memory` is what the last transaction on `conn` left (see [`Remembered`]): a read at
+    /// the generation it names skips the dumps. It is replaced by what this one leaves, when
+    /// that is known without another round trip (a batch bound to its generation), and
+    /// forgotten otherwise.
     pub fn run<T>(
         &self,
         conn: &mut Conn,
+        memory: &mut Option<Remembered>,
         mut plan: impl FnMut(&View<'_>) -> Result<(Plan, T)>,
     ) -> Result<Applied<T>> {
+        let result = self.run_with(conn, memory, &mut plan);
+        if result.is_err() {
+            *memory = None;
+        }
+        result
+    }
+
+    fn run_with<T>(
+        &self,
+        conn: &mut Conn,
+        memory: &mut Option<Remembered>,
+        plan: &mut dyn FnMut(&View<'_>) -> Result<(Plan, T)>,
+    ) -> Result<Applied<T>> {
+        let mut attempts = Attempts {
+            made: 1,
+            max: self.max_attempts,
+        };
+        let mut probed = false;
+        match self.attempt(conn, Guard::Generation, &mut probed, memory, plan)? {
+            Tried::Applied(applied) => return Ok(applied.attempts(1)),
+            Tried::Conflict(e) => attempts.after_conflict(self.namespace, e)?,
+        }
         let (lock, lock_wait) = Lock::acquire(conn, self.namespace)?;
-        let mut released = false;
-        let result = self.attempt(conn, &lock, &mut released, &mut plan);
+        let result = loop {
+            attempts.made += 1;
+            match self.attempt(conn, Guard::Lock(&lock), &mut probed, memory, plan) {
+                Ok(Tried::Applied(applied)) => break Ok(applied),
+                Ok(Tried::Conflict(e)) => {
+                    if let Err(e) = attempts.after_conflict(self.namespace, e) {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        // An applied batch released the lock; anything else must release it here.
+        let released = matches!(&result, Ok(applied) if applied.changed);
         if !released {
             if let Err(e) = lock.release(conn) {
                 warn!(
@@ -135,121 +199,158 @@ impl Transaction<'_> {
                 return Err(e);
             }
         }
-        result.map(|mut applied| {
-            applied.lock_wait = lock_wait;
-            applied
+        result.map(|applied| Applied {
+            lock_wait,
+            ..applied.attempts(attempts.made)
         })
     }
 
+    /// One read, plan and batch.
     fn attempt<T>(
         &self,
         conn: &mut Conn,
-        lock: &Lock,
-        released: &mut bool,
+        guard: Guard<'_>,
+        probed: &mut bool,
+        memory: &mut Option<Remembered>,
         plan: &mut dyn FnMut(&View<'_>) -> Result<(Plan, T)>,
-    ) -> Result<Applied<T>> {
+    ) -> Result<Tried<T>> {
         let namespace = self.namespace;
-        let mut attempts = Attempts {
-            made: 0,
-            max: self.max_attempts,
+        // Taking the lock was a transaction of ours (where the kernel has the lock).
+        let own = match guard {
+            Guard::Lock(lock) => u32::from(lock.release_op().is_some()),
+            Guard::Generation => 0,
         };
-        let mut probed = false;
-        loop {
-            attempts.made += 1;
-            // Taking the lock was a transaction of ours (where the kernel has the lock).
-            let own = u32::from(lock.release_op().is_some());
-            let since = self
-                .record
-                .map(|(records, key)| Since { records, key, own });
-            let needs = Needs {
-                chains: self.inserts_into,
-                generation: lock.needs_generation(),
-            };
-            let snap = match snapshot::read(conn, needs, since) {
-                Ok(snap) => snap,
-                Err(e) if e.is_conflict() => {
-                    attempts.after_conflict(namespace, e)?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let view = View::new(namespace, &snap.rules);
-            let (plan, value) = plan(&view)?;
-            if plan.is_empty() {
-                let remaining: Vec<Rule> = view.ours().cloned().collect();
-                return Ok(Applied {
-                    value,
-                    inserted: Vec::new(),
-                    removed: Vec::new(),
-                    remaining,
-                    after: snap.rules,
-                    attempts: attempts.made,
-                    lock_wait: Duration::ZERO,
+        let bound_anyway = match guard {
+            Guard::Generation => true,
+            Guard::Lock(lock) => lock.needs_generation(),
+        };
+        let since = self
+            .record
+            .map(|(records, key)| Since { records, key, own });
+        let needs = Needs {
+            chains: self.inserts_into,
+            generation: bound_anyway,
+        };
+        let snap = match snapshot::read(conn, needs, since, memory.take().as_ref()) {
+            Ok(snap) => snap,
+            Err(e) if e.is_conflict() => return Ok(Tried::Conflict(e)),
+            Err(e) => return Err(e.into()),
+        };
+        let view = View::new(namespace, &snap.rules);
+        let (plan, value) = plan(&view)?;
+        if plan.is_empty() {
+            let remaining: Vec<Rule> = view.ours().cloned().collect();
+            // Nothing changed: the ruleset is still at the generation of the read.
+            if let Some(generation) = snap.generation {
+                *memory = Some(Remembered {
+                    generation,
+                    rules: snap.rules.clone(),
                 });
             }
-            let batch = batch(&snap, &plan, lock);
-            debug!(
-                "namespace {namespace}: batch{} (attempt {}): {}",
-                snap.generation
-                    .map_or(String::new(), |g| format!(" at generation {g}")),
-                attempts.made,
-                describe(batch.ops())
-            );
-            let e = match conn.apply(&batch) {
-                Ok(applied) => {
-                    *released = true;
-                    let mut owners = crate::owner::Owners::default();
-                    let found = applied
-                        .inserted
-                        .into_iter()
-                        .filter_map(|entry| rule::Found::parse(entry, &mut owners))
-                        .collect();
-                    let inserted = rule::place(found);
-                    let deleted: Vec<(Family, Chain, Handle)> =
-                        plan.delete.iter().map(Rule::place).collect();
-                    self.record(conn, &snap, &deleted, &inserted);
-                    let after = after(&snap.rules, &deleted, &inserted);
-                    let remaining = after
-                        .iter()
-                        .filter(|r| r.namespace == namespace)
-                        .cloned()
-                        .collect();
-                    let inserted = after
-                        .iter()
-                        .filter(|r| inserted.iter().any(|i| i.place() == r.place()))
-                        .cloned()
-                        .collect();
-                    return Ok(Applied {
-                        value,
-                        inserted,
-                        removed: plan.delete,
-                        remaining,
-                        after,
-                        attempts: attempts.made,
-                        lock_wait: Duration::ZERO,
-                    });
-                }
-                Err(e) => e,
-            };
-            if e.is_missing() && !probed {
-                probed = true;
-                if let Some((family, chain, redirect)) = plan.insert.first() {
-                    match conn.probe_support(*family, *chain, redirect) {
-                        Ok(()) => debug!("namespace {namespace}: the kernel has every part of the rule, so a table or chain went away under the batch: {e}"),
-                        Err(other) => return Err(other.into()),
-                    }
-                }
+            return Ok(Tried::Applied(Applied {
+                value,
+                inserted: Vec::new(),
+                removed: Vec::new(),
+                remaining,
+                after: snap.rules,
+                attempts: 0,
+                lock_wait: Duration::ZERO,
+                changed: false,
+                owners: snap.owners,
+            }));
+        }
+        // Without the lock held, the batch takes and releases it itself: refused whole if
+        // another instance holds it.
+        let (take, release) = match guard {
+            Guard::Lock(lock) => (None, lock.release_op()),
+            Guard::Generation => {
+                let (take, release) = Lock::within_batch(namespace)?;
+                (Some(take), Some(release))
             }
-            if e.is_conflict() || e.is_missing() {
-                attempts.after_conflict(namespace, e)?;
+        };
+        let batch = batch(&snap, &plan, bound_anyway, take, release);
+        debug!(
+            "namespace {namespace}: batch{}{}: {}",
+            snap.generation
+                .filter(|_| batch.generation().is_some())
+                .map_or(String::new(), |g| format!(" bound to generation {g}")),
+            if matches!(guard, Guard::Lock(_)) {
+                " under the lock"
             } else {
-                return Err(e.into());
+                ""
+            },
+            describe(batch.ops())
+        );
+        let e = match conn.apply(&batch) {
+            Ok(applied) => {
+                let mut owners = crate::owner::Owners::default();
+                let found = applied
+                    .inserted
+                    .into_iter()
+                    .filter_map(|entry| rule::Found::parse(entry, &mut owners))
+                    .collect();
+                let inserted = rule::place(found);
+                let deleted: Vec<(Family, Chain, Handle)> =
+                    plan.delete.iter().map(Rule::place).collect();
+                self.record(conn, &snap, &deleted, &inserted);
+                let after = after(&snap.rules, &deleted, &inserted);
+                if let (Some(generation), true) = (snap.generation, batch.generation().is_some()) {
+                    *memory = Some(Remembered::after_bound_batch(generation, after.clone()));
+                }
+                let remaining = after
+                    .iter()
+                    .filter(|r| r.namespace == namespace)
+                    .cloned()
+                    .collect();
+                let inserted = after
+                    .iter()
+                    .filter(|r| inserted.iter().any(|i| i.place() == r.place()))
+                    .cloned()
+                    .collect();
+                return Ok(Tried::Applied(Applied {
+                    value,
+                    inserted,
+                    removed: plan.delete,
+                    remaining,
+                    after,
+                    attempts: 0,
+                    lock_wait: Duration::ZERO,
+                    changed: true,
+                    owners: snap.owners,
+                }));
             }
+            Err(e) => e,
+        };
+        if e.is_missing() && !*probed {
+            *probed = true;
+            if let Some((family, chain, redirect)) = plan.insert.first() {
+                match conn.probe_support(*family, *chain, redirect) {
+                    Ok(()) => debug!("namespace {namespace}: the kernel has every part of the rule, so a table or chain went away under the batch: {e}"),
+                    Err(other) => return Err(other.into()),
+                }
+            }
+        }
+        let lock_in_the_way = matches!(guard, Guard::Generation)
+            && (e.is_held()
+                || matches!(
+                    e,
+                    switcheroo_sys::Error::Kernel {
+                        errno: nix::errno::Errno::EOPNOTSUPP,
+                        ..
+                    }
+                ));
+        if e.is_conflict() || e.is_missing() || lock_in_the_way {
+            // Held by another instance (or no owned tables in this kernel, before 5.12):
+            // the next attempt takes the lock the long way, which waits for it (or learns
+            // that there is none).
+            Ok(Tried::Conflict(e))
+        } else {
+            Err(e.into())
         }
     }
 
     /// Records the rules for the next transaction if the generation moved by exactly this
-    /// one, else drops any record.
+    /// one since its read, else drops any record.
     fn record(
         &self,
         conn: &mut Conn,
@@ -271,16 +372,31 @@ impl Transaction<'_> {
     }
 }
 
-/// The batch for `plan` on the read `snap`: the missing tables and chains it inserts into
-/// (bound to the read's generation then), the inserts, the deletes by handle, and the
-/// release of the lock.
-fn batch(snap: &Snapshot, plan: &Plan, lock: &Lock) -> Batch {
+impl<T> Applied<T> {
+    fn attempts(self, attempts: u32) -> Applied<T> {
+        Applied { attempts, ..self }
+    }
+}
+
+/// The batch for `plan` on the read `snap`: `take` (the lock's) first, the missing tables
+/// and chains it inserts into (bound to the read's generation then, as it is when `bound`
+/// says so), the inserts, the deletes by handle, and `release` (the lock's) last.
+fn batch(
+    snap: &Snapshot,
+    plan: &Plan,
+    bound: bool,
+    take: Option<Op>,
+    release: Option<Op>,
+) -> Batch {
     let creates = plan
         .insert
         .iter()
         .any(|(f, c, _)| snap.missing.contains(&(*f, *c)));
-    let bound = creates || lock.needs_generation();
+    let bound = creates || bound;
     let mut batch = Batch::new(if bound { snap.generation } else { None });
+    if let Some(take) = take {
+        batch.push(take);
+    }
     // As iptables-nft orders them: per family the table (a no-op if it exists), then per
     // chain the chain where missing and the chain's inserts.
     for family in Family::ALL {
@@ -309,7 +425,7 @@ fn batch(snap: &Snapshot, plan: &Plan, lock: &Lock) -> Batch {
     for rule in &plan.delete {
         batch.delete_rule(rule.family, rule.chain, rule.handle);
     }
-    if let Some(release) = lock.release_op() {
+    if let Some(release) = release {
         batch.push(release);
     }
     batch

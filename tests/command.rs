@@ -1,60 +1,13 @@
 //! The `switcheroo` command, run as a user would: in a throwaway network namespace, with
 //! real servers (gunicorn from PyPI, `hello` under socket activation) and in a bare chroot.
 
+use lab::command::{run, run_to_end, server_pid, switcheroo, text};
 use lab::{get, pid_of, require_root, Hello, Netns, TempPath, UdpLoad};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
-
-/// `switcheroo run` started in `ns` with `args` (options, `--`, server); waits until it
-/// logs that it switched. `pid` is the wrapper's, `port` the internal port.
-fn run(ns: &Netns, args: &[&str]) -> Hello {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, BIN, "run"]).args(args);
-    let mut h = Hello::start_with(cmd, "switch log line", |line| {
-        let rest = line.split_once(" is ready: port ")?.1;
-        // `port 8080/tcp -> 40401 in ...`, or `port 53/udp -> 40401, port 53/tcp -> ...`
-        let port = rest.split_once(" -> ")?.1.split([' ', ',']).next()?;
-        Some((0, port.parse().ok()?))
-    });
-    // `ip netns exec` executes the command in its own process: the child is the wrapper.
-    h.pid = h.child.id();
-    h
-}
-
-/// `switcheroo run` that is expected to end without switching; its exit and output.
-fn run_to_end(ns: &Netns, args: &[&str]) -> (ExitStatus, String) {
-    let out = ns.exec(&[&[BIN, "run"], args].concat());
-    (out.status, text(&out))
-}
-
-fn switcheroo(ns: &Netns, args: &[&str]) -> Output {
-    ns.exec(&[&[BIN], args].concat())
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The pid of the server a wrapper started, from its `started NAME (pid N)` line.
-fn server_pid(h: &mut Hello) -> u32 {
-    let line = h.line("[").clone();
-    let line = h
-        .log
-        .iter()
-        .find(|l| l.contains(" (pid "))
-        .cloned()
-        .unwrap_or(line);
-    line.split_once(" (pid ")
-        .and_then(|(_, rest)| rest.split(')').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no server pid in {line:?}"))
-}
 
 fn addr(s: &str) -> std::net::SocketAddr {
     s.parse().unwrap()

@@ -841,12 +841,11 @@ fn a_record_of_a_deleted_namespace_never_hides_a_rule_of_a_new_one() {
         use switcheroo_sys::{Op, OwnedTable};
         let mut conn = Conn::open().unwrap();
         let lock = || OwnedTable::new("switcheroo-lock-hello").unwrap();
+        // hello's first commit is one batch that takes the lock and releases it.
         let mut b = Batch::new(None);
         b.push(Op::AddOwnedTable(lock()));
-        conn.apply(&b).unwrap();
         let comment = format!("SWITCHEROO:ns=hello:port={port}:pid={pid}:start={start}");
         let same = Redirect::new(8080, port, &comment).unwrap();
-        let mut b = Batch::new(None);
         for family in Family::ALL {
             b.push(Op::AddTable(family));
             for chain in Chain::ALL {
@@ -897,6 +896,17 @@ fn a_record_of_a_deleted_namespace_never_hides_a_rule_of_a_new_one() {
     );
 }
 
+/// Deletes both nat tables, as `nft flush ruleset` would; counts each deletion.
+fn flush_nat(conn: &mut Conn, deletions: &AtomicU64) {
+    for family in Family::ALL {
+        let mut b = Batch::new(None);
+        b.push(switcheroo_sys::Op::DeleteTable(family));
+        if conn.apply(&b).is_ok() {
+            deletions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[test]
 fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
     if !require_root() {
@@ -909,28 +919,31 @@ fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
     let mut commits = 0;
     let mut attempts_seen = Vec::new();
     std::thread::scope(|s| {
-        // The racing writer: the moment a commit of namespace `flushed` takes its lock
-        // (the kernel announces the lock table), it deletes both nat tables, chains and
-        // rules and all, as `nft flush ruleset` would: between the commit's read and its
-        // batch, or during the read.
+        // Racing writers delete both nat tables, chains and rules and all, as `nft flush
+        // ruleset` would. One every millisecond or so: a commit's first attempt, bound to
+        // the generation of its read, then meets a changed ruleset and takes the lock the
+        // long way. The other the moment a commit takes its lock (the kernel announces the
+        // lock table): between that attempt's read and its batch, or during the read.
+        let churner = s.spawn(|| {
+            ns.enter(|| {
+                let mut conn = Conn::open().unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_micros(
+                        500 + (deletions.load(Ordering::Relaxed) % 7) * 150,
+                    ));
+                    flush_nat(&mut conn, &deletions);
+                }
+            })
+        });
         let watcher = s.spawn(|| {
             ns.enter(|| {
                 let mut monitor = switcheroo_sys::monitor::Monitor::open().unwrap();
                 let mut conn = Conn::open().unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     let event = monitor.next(Some(Duration::from_millis(50))).unwrap();
-                    let Some(switcheroo_sys::monitor::Notification::NewTable(_, name)) = event
-                    else {
-                        continue;
-                    };
-                    if name != "switcheroo-lock-flushed" {
-                        continue;
-                    }
-                    for family in Family::ALL {
-                        let mut b = Batch::new(None);
-                        b.push(switcheroo_sys::Op::DeleteTable(family));
-                        if conn.apply(&b).is_ok() {
-                            deletions.fetch_add(1, Ordering::Relaxed);
+                    if let Some(switcheroo_sys::monitor::Notification::NewTable(_, name)) = event {
+                        if name == "switcheroo-lock-flushed" {
+                            flush_nat(&mut conn, &deletions);
                         }
                     }
                 }
@@ -965,6 +978,7 @@ fn tables_deleted_under_a_commit_mean_retries_never_unsupported() {
         });
         stop.store(true, Ordering::Relaxed);
         watcher.join().unwrap();
+        churner.join().unwrap();
     });
     eprintln!(
         "{commits} commits, {} table deletions under them, attempts per commit: {attempts_seen:?}",

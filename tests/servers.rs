@@ -2,43 +2,15 @@
 //! README's "Servers in other languages", deployed 8 times under keep-alive load (and new
 //! connections), on IPv4 and IPv6: no request may fail. The apps are in `tests/servers/`.
 
-use lab::{require_root, Hello, Netns};
+use lab::command::{have, run};
+use lab::{require_root, Netns};
 use std::process::Command;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switcheroo");
 const DEPLOYS: usize = 8;
 
 fn dir() -> String {
     format!("{}/tests/servers", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Whether `program -c/-e code` runs; a missing tool fails under CI, else skips.
-fn have(program: &str, check: &[&str], what: &str) -> bool {
-    let ok = Command::new(program)
-        .args(check)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        let reason = format!("{what} is not installed (ci/setup installs it)");
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{reason}; CI=true forbids skipping");
-        }
-        eprintln!("skipped: {reason}");
-    }
-    ok
-}
-
-fn run(ns: &Netns, args: &[&str]) -> Hello {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, BIN, "run"]).args(args);
-    let mut h = Hello::start_with(cmd, "switch log line", |line| {
-        let rest = line.split_once(" is ready: port ")?.1;
-        let port = rest.split_once(" -> ")?.1.split([' ', ',']).next()?;
-        Some((0, port.parse().ok()?))
-    });
-    h.pid = h.child.id();
-    h
 }
 
 /// Deploys `server` with run's `options` 8 times under load; 0 failed requests.

@@ -427,8 +427,11 @@ impl Conn {
         Ok(Applied { inserted })
     }
 
-    /// Sends the batch in `self.tx` (begin message `begin`, then `count` operations) and
-    /// collects the kernel's answer to each operation. An error on the begin message
+    /// Sends the batch in `self.tx` (begin message `begin`, then `count` operations, the
+    /// last of which asks for an ack) and collects the kernel's answer to each operation:
+    /// an error for each it refused, the echo of each insert, and the last one's ack, which
+    /// the kernel sends after everything else of the batch, so it ends the answer. An
+    /// operation without an error was applied (or checked). An error on the begin message
     /// refuses the whole batch (generation, privilege) and is returned as such.
     fn exchange(
         &mut self,
@@ -441,14 +444,14 @@ impl Conn {
             errnos: vec![None; count as usize],
             echoed: vec![None; count as usize],
         };
+        if count == 0 {
+            return Ok(replies);
+        }
         let index = |seq: u32| {
             let i = seq.wrapping_sub(begin).wrapping_sub(1);
             (i < count).then_some(i as usize)
         };
-        let mut remaining = count as usize;
-        if remaining == 0 {
-            return Ok(replies);
-        }
+        let last = count as usize - 1;
         self.recv_until(op, Context::Batch, |msg| {
             if msg.kind as i32 == libc::NLMSG_ERROR {
                 let errno = match ack_errno(msg.payload) {
@@ -464,10 +467,8 @@ impl Conn {
                     )));
                 }
                 let i = index(msg.seq)?;
-                if replies.errnos[i].replace(errno).is_none() {
-                    remaining -= 1;
-                }
-                (remaining == 0).then_some(Ok(()))
+                replies.errnos[i] = Some(errno);
+                (i == last).then_some(Ok(()))
             } else {
                 if msg.kind == MSG_NEWRULE {
                     if let Some(i) = index(msg.seq) {
@@ -615,7 +616,8 @@ impl Conn {
 
 /// The kernel's answers to the operations of one batch.
 struct Replies {
-    /// Per operation: its errno (0: applied or checked), `None` if it got no answer.
+    /// Per operation: its errno if the kernel answered it (only refused operations and
+    /// the last one are answered; `None` is applied or checked).
     errnos: Vec<Option<i32>>,
     /// Per operation: the rule the kernel echoed, for inserts.
     echoed: Vec<Option<RuleEntry>>,

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod command;
 pub mod http;
 pub mod load;
 mod netns;
