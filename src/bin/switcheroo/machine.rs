@@ -1010,7 +1010,7 @@ impl Run {
         match event {
             Event::ServerExited(status) => {
                 info!("{} {}", self.server.name, describe_status(status));
-                self.server_gone(status, s.ending)
+                self.server_gone_by(status, s.ending, s.kill_at)
             }
             Event::Signal(signal) => {
                 self.forward(signal);
@@ -1035,8 +1035,20 @@ impl Run {
         }
     }
 
-    /// The server exited: done once its tree is gone too, else waiting for it.
+    /// The server exited: done once its tree is gone too, else waiting for it, until
+    /// `kill_at` (the stop signal's `--kill-after`) or, for a server that exited by
+    /// itself, `--kill-after` from now.
     fn server_gone(&mut self, status: WaitStatus, ending: Ending) -> State {
+        let kill_at = self.config.kill_after.map(|d| Instant::now() + d);
+        self.server_gone_by(status, ending, kill_at)
+    }
+
+    fn server_gone_by(
+        &mut self,
+        status: WaitStatus,
+        ending: Ending,
+        kill_at: Option<Instant>,
+    ) -> State {
         let left = tree::descendants(std::process::id());
         if left.is_empty() {
             return self.finish(status, ending);
@@ -1052,11 +1064,10 @@ impl Run {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let now = Instant::now();
         State::Reaping(Reaping {
             status,
-            kill_at: self.config.kill_after.map(|d| now + d),
-            report_at: now + PROGRESS_EVERY,
+            kill_at,
+            report_at: Instant::now() + PROGRESS_EVERY,
             ending,
         })
     }
