@@ -19,6 +19,7 @@ use std::net::TcpListener;
 use std::ops::RangeInclusive;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use switcheroo_sys::Protocol;
 
 /// The default internal port range.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 40400..=40499;
@@ -267,7 +268,7 @@ impl Switcheroo {
         if !matches!(
             self.ports[..],
             [Port {
-                protocol: switcheroo_sys::Protocol::Tcp,
+                protocol: Protocol::Tcp,
                 ..
             }]
         ) {
@@ -388,6 +389,38 @@ impl Switcheroo {
     /// were.
     pub fn forget_flows(&self, port: u16) -> Result<usize> {
         self.flows(port)?.forget()
+    }
+
+    /// Deletes the conntrack entries in CLOSE state (TCP connections that ended in a reset)
+    /// that map to the internal ports of `mappings`, both families, and returns how many
+    /// there were.
+    ///
+    /// A server that resets connections as it stops (a keep-alive connection closed with a
+    /// request unread) leaves such entries for 10 s, and conntrack sends a new SYN from
+    /// the same client port along one of them, to a port nobody listens on any more,
+    /// instead of redirecting it afresh: the client is refused. A retiring instance calls
+    /// this while it stops, and once it has. The connections are over; nothing else is
+    /// touched. Needs CAP_NET_ADMIN.
+    pub fn forget_closed(&self, mappings: &[Mapping]) -> Result<usize> {
+        self.registry.with_conn(|conn| {
+            let mut forgotten = 0;
+            for m in mappings
+                .iter()
+                .filter(|m| m.public.protocol == Protocol::Tcp)
+            {
+                for family in switcheroo_sys::Family::ALL {
+                    let closed: Vec<_> = conn
+                        .conntrack_to_port(family, Protocol::Tcp, m.internal)?
+                        .into_iter()
+                        .filter(|e| e.is_closed())
+                        .collect();
+                    if !closed.is_empty() {
+                        forgotten += conn.delete_conntrack_all(&closed)?;
+                    }
+                }
+            }
+            Ok(forgotten)
+        })
     }
 
     /// Whether a deploy of this service would be refused because a live instance of

@@ -103,6 +103,7 @@ fn gunicorn_deployed_eight_times_under_load_fails_no_request() {
         failed,
         samples,
         answered,
+        ..
     } = lab::load::Totals::of(&stats);
     eprintln!(
         "gunicorn: {DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",

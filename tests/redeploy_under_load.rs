@@ -53,6 +53,7 @@ fn twenty_redeploys_under_load_drop_nothing() {
         failed,
         samples,
         answered,
+        ..
     } = lab::load::Totals::of(&stats);
     eprintln!(
         "{DEPLOYS} deploys in {:?}: {ok} requests answered, {failed} failed",

@@ -86,6 +86,13 @@ impl Entry {
         self.status & IPS_ASSURED != 0
     }
 
+    /// Whether the entry is a TCP connection that ended in CLOSE (after a reset): until it
+    /// expires (10 s), a new SYN from the same client port that the client did not reset
+    /// itself follows it to the port it mapped to, instead of being redirected afresh.
+    pub fn is_closed(&self) -> bool {
+        self.tcp_state == Some(TCP_CONNTRACK_CLOSE)
+    }
+
     /// Whether the entry stands for a connection or flow that still carries traffic: any
     /// UDP flow, a TCP connection in any state but TIME_WAIT and CLOSE.
     pub fn is_open(&self) -> bool {

@@ -39,6 +39,10 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 const NOTIFY_HINT_AFTER: Duration = Duration::from_secs(5);
 /// How often a retiring instance says what it still holds.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How often a stopping instance forgets the connections its server reset (see
+/// [`Switcheroo::forget_closed`]): a client that reuses such a connection's port within
+/// 10 s would otherwise be sent to the closed port.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// Signals that end the service gracefully: drained, then the stop signal.
 const STOP: [Signal; 2] = [Signal::SIGTERM, Signal::SIGINT];
@@ -179,16 +183,68 @@ pub struct Draining {
 }
 
 pub struct Stopping {
-    kill_at: Option<Instant>,
-    report_at: Instant,
+    chores: Chores,
     ending: Ending,
 }
 
 pub struct Reaping {
     status: WaitStatus,
-    kill_at: Option<Instant>,
-    report_at: Instant,
+    chores: Chores,
     ending: Ending,
+}
+
+/// What a stopping instance does on a clock, in one place: its deadline is the soonest of
+/// them, and [`Chores::due`] moves on each one that is due, so none can be forgotten.
+#[derive(Debug, Clone, Copy)]
+pub struct Chores {
+    /// SIGKILL to the whole tree (`--kill-after`), once.
+    kill_at: Option<Instant>,
+    /// Say what the instance still holds.
+    report_at: Instant,
+    /// Forget the connections the server reset.
+    sweep_at: Instant,
+}
+
+/// The chores that were due.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    kill: bool,
+    report: bool,
+    sweep: bool,
+}
+
+impl Chores {
+    fn new(kill_at: Option<Instant>, now: Instant) -> Chores {
+        Chores {
+            kill_at,
+            report_at: now + PROGRESS_EVERY,
+            sweep_at: now + SWEEP_EVERY,
+        }
+    }
+
+    /// The soonest chore.
+    fn next(&self) -> Instant {
+        let next = self.report_at.min(self.sweep_at);
+        self.kill_at.map_or(next, |k| k.min(next))
+    }
+
+    /// The chores due at `now`, each moved on to its next time (the kill to never).
+    fn due(&mut self, now: Instant) -> Due {
+        let mut due = Due::default();
+        if self.kill_at.is_some_and(|at| now >= at) {
+            self.kill_at = None;
+            due.kill = true;
+        }
+        if now >= self.report_at {
+            self.report_at = now + PROGRESS_EVERY;
+            due.report = true;
+        }
+        if now >= self.sweep_at {
+            self.sweep_at = now + SWEEP_EVERY;
+            due.sweep = true;
+        }
+        due
+    }
 }
 
 /// What woke the wrapper up.
@@ -441,18 +497,8 @@ impl Run {
                     }
                 }
                 State::Draining(d) => sooner(d.drains.next_sample()),
-                State::Stopping(s) => {
-                    sooner(s.report_at);
-                    if let Some(at) = s.kill_at {
-                        sooner(at);
-                    }
-                }
-                State::Reaping(r) => {
-                    sooner(r.report_at);
-                    if let Some(at) = r.kill_at {
-                        sooner(at);
-                    }
-                }
+                State::Stopping(s) => sooner(s.chores.next()),
+                State::Reaping(r) => sooner(r.chores.next()),
                 State::Done(_) => {}
             }
             let ready = match switcheroo::poll::wait(&sources, deadline) {
@@ -988,8 +1034,7 @@ impl Run {
         self.let_go();
         let now = Instant::now();
         State::Stopping(Stopping {
-            kill_at: self.config.kill_after.map(|d| now + d),
-            report_at: now + PROGRESS_EVERY,
+            chores: Chores::new(self.config.kill_after.map(|d| now + d), now),
             ending,
         })
     }
@@ -1000,8 +1045,7 @@ impl Run {
         self.let_go();
         let now = Instant::now();
         State::Stopping(Stopping {
-            kill_at: Some(now + ABORT_GRACE),
-            report_at: now + PROGRESS_EVERY,
+            chores: Chores::new(Some(now + ABORT_GRACE), now),
             ending: Ending::Failure(failure),
         })
     }
@@ -1010,28 +1054,32 @@ impl Run {
         match event {
             Event::ServerExited(status) => {
                 info!("{} {}", self.server.name, describe_status(status));
-                self.server_gone_by(status, s.ending, s.kill_at)
+                self.server_gone_by(status, s.ending, s.chores.kill_at)
             }
             Event::Signal(signal) => {
                 self.forward(signal);
                 State::Stopping(s)
             }
             Event::Timer => {
-                let now = Instant::now();
-                if s.kill_at.is_some_and(|at| now >= at) {
-                    s.kill_at = None;
-                    self.kill_tree("after its stop signal");
-                }
-                if now >= s.report_at {
-                    s.report_at = now + PROGRESS_EVERY;
-                    self.report_progress(&format!(
-                        "{} (pid {})",
-                        self.server.name, self.server.pid
-                    ));
-                }
+                let due = s.chores.due(Instant::now());
+                let who = format!("{} (pid {})", self.server.name, self.server.pid);
+                self.do_chores(due, "after its stop signal", &who);
                 State::Stopping(s)
             }
             Event::Reaped | Event::Notified | Event::Probe | Event::Tenure => State::Stopping(s),
+        }
+    }
+
+    /// The chores that were due, for the server (`who`).
+    fn do_chores(&self, due: Due, when: &str, who: &str) {
+        if due.kill {
+            self.kill_tree(when);
+        }
+        if due.sweep {
+            self.sweep();
+        }
+        if due.report {
+            self.report_progress(who);
         }
     }
 
@@ -1066,8 +1114,7 @@ impl Run {
         );
         State::Reaping(Reaping {
             status,
-            kill_at,
-            report_at: Instant::now() + PROGRESS_EVERY,
+            chores: Chores::new(kill_at, Instant::now()),
             ending,
         })
     }
@@ -1087,25 +1134,19 @@ impl Run {
                 if !reaped.children_left && tree::descendants(std::process::id()).is_empty() {
                     return self.finish(r.status, r.ending);
                 }
-                let now = Instant::now();
-                if r.kill_at.is_some_and(|at| now >= at) {
-                    r.kill_at = None;
-                    self.kill_tree("after the stop signal");
-                }
-                if now >= r.report_at {
-                    r.report_at = now + PROGRESS_EVERY;
-                    let left = tree::descendants(std::process::id());
-                    self.report_progress(&format!(
-                        "the {} process{} {} left ({})",
-                        left.len(),
-                        if left.len() == 1 { "" } else { "es" },
-                        self.server.name,
-                        left.iter()
-                            .map(u32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
+                let due = r.chores.due(Instant::now());
+                let left = tree::descendants(std::process::id());
+                let who = format!(
+                    "the {} process{} {} left ({})",
+                    left.len(),
+                    if left.len() == 1 { "" } else { "es" },
+                    self.server.name,
+                    left.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.do_chores(due, "after the stop signal", &who);
                 State::Reaping(r)
             }
             Event::Signal(_)
@@ -1142,9 +1183,27 @@ impl Run {
         }
     }
 
+    /// Forgets the connections the server reset as it stops (see
+    /// [`Switcheroo::forget_closed`]).
+    fn sweep(&self) {
+        if self.tenure.is_none() {
+            return; // never switched: no connection was ever redirected here
+        }
+        let mappings: Vec<Mapping> = self.held.iter().map(|h| h.mapping).collect();
+        match self.sw.forget_closed(&mappings) {
+            Ok(0) => {}
+            Ok(n) => debug!("forgot {n} connections {} reset", self.server.name),
+            Err(e) => debug!(
+                "cannot forget the connections {} reset: {e}",
+                self.server.name
+            ),
+        }
+    }
+
     /// The end: the server and its tree are gone.
     fn finish(&mut self, status: WaitStatus, ending: Ending) -> State {
         self.forget_flows();
+        self.sweep();
         self.let_go();
         State::Done(match ending {
             Ending::Status => Exit::Server(status),
@@ -1346,6 +1405,41 @@ mod tests {
         ];
         for (failure, exit) in table {
             assert_eq!(failure.exit(), exit, "{failure}");
+        }
+    }
+
+    #[test]
+    fn every_chore_moves_on_when_it_is_due_so_the_deadline_does_too() {
+        let t0 = Instant::now();
+        let mut chores = Chores::new(Some(t0 + Duration::from_secs(1)), t0);
+        assert_eq!(chores.next(), t0 + SWEEP_EVERY);
+        assert_eq!(chores.due(t0), Due::default());
+        let at = chores.next();
+        let due = chores.due(at);
+        assert_eq!(
+            due,
+            Due {
+                sweep: true,
+                ..Due::default()
+            }
+        );
+        assert!(chores.next() > at, "the deadline moved on");
+        let later = t0 + Duration::from_secs(6);
+        assert_eq!(
+            chores.due(later),
+            Due {
+                kill: true,
+                report: true,
+                sweep: true
+            }
+        );
+        assert!(chores.next() > later);
+        assert_eq!(chores.kill_at, None, "the kill happens once");
+        // Whatever time it is, a due() at the deadline leaves a deadline in the future.
+        for step in 0..100 {
+            let now = chores.next();
+            chores.due(now);
+            assert!(chores.next() > now, "step {step}");
         }
     }
 

@@ -62,6 +62,9 @@ pub struct Stats {
     pub timeline: Mutex<Vec<Sample>>,
     pub ok: AtomicU64,
     pub failed: AtomicU64,
+    /// Failures of requests sent on a reused keep-alive connection (the server closed it
+    /// as the request went out: the keep-alive race, which only the server can avoid).
+    pub failed_reused: AtomicU64,
     /// The first few failures, with what they were.
     pub samples: Mutex<Vec<(Failure, String)>>,
     /// Distinct pids that answered, in order of first answer.
@@ -102,6 +105,8 @@ impl Stats {
 pub struct Totals {
     pub ok: u64,
     pub failed: u64,
+    /// Of `failed`, those on a reused keep-alive connection.
+    pub failed_reused: u64,
     /// The first failures of each load.
     pub samples: Vec<(Failure, String)>,
     /// Every pid that answered.
@@ -113,6 +118,10 @@ impl Totals {
         Totals {
             ok: stats.iter().map(|s| s.ok()).sum(),
             failed: stats.iter().map(|s| s.failed()).sum(),
+            failed_reused: stats
+                .iter()
+                .map(|s| s.failed_reused.load(Ordering::Relaxed))
+                .sum(),
             samples: stats
                 .iter()
                 .flat_map(|s| s.samples.lock().unwrap().clone())
@@ -245,6 +254,9 @@ fn client(plan: &Plan, keepalive: bool, stop: &AtomicBool, stats: &Stats) {
             };
             stats.timeline.lock().unwrap().push(sample);
         }
+        if result.is_err() && !new_connection {
+            stats.failed_reused.fetch_add(1, Ordering::Relaxed);
+        }
         stats.record(result);
         if !plan.pause.is_zero() {
             std::thread::sleep(plan.pause);
@@ -300,6 +312,7 @@ fn connect_from(plan: &Plan, i: u32) -> io::Result<TcpStream> {
 }
 
 fn keepalive_request(plan: &Plan, conn: &mut Option<BufReader<TcpStream>>) -> io::Result<u32> {
+    let reused = conn.is_some();
     if conn.is_none() {
         *conn = Some(BufReader::new(connect(plan)?));
     }
@@ -313,7 +326,14 @@ fn keepalive_request(plan: &Plan, conn: &mut Option<BufReader<TcpStream>>) -> io
         }
         Err(e) => {
             *conn = None;
-            Err(e)
+            // Which connection it failed on matters: a reused one that the server closed
+            // as the request went out is the keep-alive race.
+            let on = if reused {
+                "a reused keep-alive connection"
+            } else {
+                "a new connection"
+            };
+            Err(io::Error::new(e.kind(), format!("{e} (on {on})")))
         }
     }
 }
