@@ -66,7 +66,7 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// `GET path` over a new connection (`Connection: close`); returns (status, body). Call
-/// it inside a namespace ([`Netns::enter`]).
+/// it inside a namespace ([`crate::Netns::enter`]).
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut stream = connect(addr)?;
     write!(
@@ -83,7 +83,7 @@ pub struct KeepAlive {
 }
 
 impl KeepAlive {
-    /// Connects; call it inside a namespace ([`Netns::enter`]). The connection can then be
+    /// Connects; call it inside a namespace ([`crate::Netns::enter`]). The connection can then be
     /// used from any thread.
     pub fn connect(addr: SocketAddr) -> io::Result<KeepAlive> {
         Ok(KeepAlive {

@@ -167,7 +167,7 @@ impl Plan {
     }
 }
 
-/// Loads on 127.0.0.1:8080 and [::1]:8080, each with two clients that open a new
+/// Loads on `127.0.0.1:8080` and `[::1]:8080`, each with two clients that open a new
 /// connection per request and one keep-alive client, recording every request. Call it
 /// from a thread inside the server's network namespace.
 pub fn timeline_on_both_loopbacks() -> Vec<Load> {

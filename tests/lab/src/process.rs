@@ -65,7 +65,7 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
-/// A running `hello`, started by [`Netns::hello`]. Dropping it kills the process.
+/// A running `hello`, started by [`crate::Netns::hello`]. Dropping it kills the process.
 pub struct Hello {
     pub child: Child,
     /// The pid of hello itself (from its ready line; differs from the child's under a wrapper).
@@ -250,7 +250,7 @@ pub fn pid_of(body: &str) -> u32 {
         .unwrap_or_else(|| panic!("not a hello body: {body:?}"))
 }
 
-/// Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), which the rule
+/// Field 22 of `/proc/<pid>/stat` (start time in clock ticks since boot), which the rule
 /// comment carries, read with the library's own parser.
 pub fn start_time(pid: u32) -> u64 {
     switcheroo::process::Stat::of(pid)
