@@ -146,6 +146,13 @@ enum Command {
     Promote(NamespaceArgs),
     /// Delete a namespace's rules (processes are not signalled)
     Cleanup(CleanupArgs),
+    /// Write the man pages (man1/) and shell completions (bash, zsh, fish) into DIR: for
+    /// packagers
+    #[command(hide = true)]
+    Generate {
+        /// Where to write them
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -226,6 +233,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Status(args) => done(status(args)),
+        Command::Generate { dir } => match generate(&dir) {
+            Ok(()) => Exit::Success,
+            Err(e) => {
+                error!(
+                    "writing the man pages and completions into {}: {e}",
+                    dir.display()
+                );
+                Exit::Failed
+            }
+        },
         Command::Cleanup(args) => done(switcheroo::cleanup(&args.namespace).map(|n| {
             println!("removed {n} rules of namespace {}", args.namespace);
         })),
@@ -265,6 +282,32 @@ fn done(result: switcheroo::Result<()>) -> Exit {
             }
         }
     }
+}
+
+/// The man pages (`switcheroo.1`, `switcheroo-run.1`, ...) under `dir/man1`, and the
+/// completions under `dir/completions` (`switcheroo.bash`, `_switcheroo`,
+/// `switcheroo.fish`), from the same definitions that parse the command line.
+fn generate(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let man = dir.join("man1");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    let page = |cmd: clap::Command, name: String| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(man.join(format!("{name}.1")), out)
+    };
+    page(cmd.clone(), "switcheroo".into())?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("switcheroo-{}", sub.get_name());
+        page(sub.clone().name(name.clone()), name)?;
+    }
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "switcheroo", &completions)?;
+    }
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> Exit {

@@ -15,6 +15,7 @@ pub mod load;
 mod netns;
 mod process;
 pub mod soak;
+pub mod systemd;
 pub mod udp;
 
 pub use http::{get, KeepAlive, Response};
