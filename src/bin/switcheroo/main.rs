@@ -9,6 +9,7 @@
 mod args;
 mod drain;
 mod exit;
+mod hold;
 mod machine;
 mod probe;
 mod report;
@@ -146,6 +147,11 @@ enum Command {
     Promote(NamespaceArgs),
     /// Delete a namespace's rules (processes are not signalled)
     Cleanup(CleanupArgs),
+    /// Do nothing until SIGTERM, reaping every process that ends up as its child: the
+    /// process of a holder container that owns the network and pid namespaces releases
+    /// join (`docker run --network container:H --pid container:H`), in an image without
+    /// a shell
+    Hold,
     /// Write the man pages (man1/) and shell completions (bash, zsh, fish) into DIR: for
     /// packagers
     #[command(hide = true)]
@@ -233,6 +239,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Status(args) => done(status(args)),
+        Command::Hold => hold::hold(),
         Command::Generate { dir } => match generate(&dir) {
             Ok(()) => Exit::Success,
             Err(e) => {

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod command;
+pub mod docker;
 pub mod http;
 pub mod load;
 mod netns;

@@ -68,7 +68,7 @@ pub fn available() -> bool {
 
 /// The cgroup2 hierarchy: `/sys/fs/cgroup/unified` on a hybrid host, `/sys/fs/cgroup` on a
 /// pure v2 one.
-fn cgroup2_root() -> Result<PathBuf, String> {
+pub(crate) fn cgroup2_root() -> Result<PathBuf, String> {
     for path in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
         if Path::new(path).join("cgroup.procs").exists()
             && Path::new(path).join("cgroup.controllers").exists()
@@ -276,7 +276,7 @@ impl Drop for Machine {
 }
 
 /// Removes the cgroup directory `dir` and those below it, deepest first.
-fn remove_cgroups(dir: &Path) {
+pub(crate) fn remove_cgroups(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
