@@ -161,7 +161,10 @@ fn five_deploys(d: &Dockerd, client: &Netns, addr: SocketAddr, flags: &[&str]) -
         );
         assert_eq!(status, "0", "web-v{} exit status", v - 1);
         let t = Instant::now();
-        while d.ok(&["ps", "-aq", "--filter", &format!("name=^web-v{}$", v - 1)]) != "" {
+        while !d
+            .ok(&["ps", "-aq", "--filter", &format!("name=^web-v{}$", v - 1)])
+            .is_empty()
+        {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "web-v{} is not gone",
