@@ -180,9 +180,9 @@ fn five_deploys(d: &Dockerd, client: &Netns, addr: SocketAddr, flags: &[&str]) -
     totals
 }
 
-#[test]
-fn releases_joining_a_holder_deploy_through_the_published_port() {
-    let Some(d) = daemon() else { return };
+/// The holder container `web-net` (`switcheroo hold`, publishing 8080), and a client
+/// namespace with the address that reaches the published port.
+fn holder(d: &Dockerd) -> (Netns, SocketAddr) {
     let client = d.netns.peer();
     d.ok(&[
         "run",
@@ -194,7 +194,13 @@ fn releases_joining_a_holder_deploy_through_the_published_port() {
         "web:v1",
         "hold",
     ]);
-    let addr: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+    (client, "192.0.2.1:8080".parse().unwrap())
+}
+
+#[test]
+fn releases_joining_a_holder_deploy_through_the_published_port() {
+    let Some(d) = daemon() else { return };
+    let (client, addr) = holder(&d);
     let totals = five_deploys(&d, &client, addr, JOIN);
     eprintln!(
         "holder: 5 deploys, {} requests through the published port, {} failed",
@@ -303,18 +309,7 @@ fn releases_on_the_host_network_leave_dockers_rules_alone() {
 #[test]
 fn a_killed_container_in_its_probation_hands_the_port_back() {
     let Some(d) = daemon() else { return };
-    let client = d.netns.peer();
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "web-net",
-        "-p",
-        "8080:8080",
-        "web:v1",
-        "hold",
-    ]);
-    let addr: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+    let (client, addr) = holder(&d);
     let release = |v: u32| {
         let name = format!("web-v{v}");
         let image = format!("web:v{v}");
