@@ -722,17 +722,14 @@ fn run_with_probation_hands_back_when_the_new_wrapper_is_killed() {
     );
 }
 
-/// A server on fd 3 (socket activation) whose /healthz answers 200 twice, then 500.
+/// A server on fd 3 (socket activation) whose /healthz answers 200 until the file named
+/// by its first argument exists, then 500 (a count of answers would race with readiness
+/// probes that gave up on a slow start).
 const FAILING_HEALTH: &str = r#"
-import http.server, os, socket
-count = 0
+import http.server, os, socket, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        global count
-        code = 200
-        if self.path == "/healthz":
-            count += 1
-            code = 200 if count <= 2 else 500
+        code = 500 if self.path == "/healthz" and os.path.exists(sys.argv[1]) else 200
         body = "hello from pid {} port {}".format(os.getpid(), os.environ["SWITCHEROO_PORT"]).encode()
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
@@ -751,6 +748,7 @@ fn failed_health_checks_during_the_probation_roll_back_and_run_exits_4() {
         return;
     }
     let ns = Netns::new();
+    let marker = TempPath::new(&ns, "unhealthy");
     let mut old = run_hello(&ns, &[]);
     let old_server = server_pid(&mut old);
     let mut new = run(
@@ -770,8 +768,19 @@ fn failed_health_checks_during_the_probation_roll_back_and_run_exits_4() {
             "python3",
             "-c",
             FAILING_HEALTH,
+            marker.as_str(),
         ],
     );
+    // Once the new server answers on the public port, its health fails.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ns
+        .enter(|| get(addr("127.0.0.1:8080"), "/"))
+        .map_or(true, |(_, body)| pid_of(&body) == old_server)
+    {
+        assert!(Instant::now() < deadline, "{:?}", new.log);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&marker.0, "").unwrap();
     let status = new.wait_exit(Duration::from_secs(20)).expect("rolled back");
     assert_eq!(status.code(), Some(4), "{:?}", new.log);
     let log = new.log.join("\n");

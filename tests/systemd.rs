@@ -255,15 +255,13 @@ fn deploys_by_systemctl_start_under_load_and_what_systemd_shows() {
 
 /// A server on fd 3 whose /healthz answers 200 twice, then 500.
 const FAILING_HEALTH: &str = r#"#!/usr/bin/python3
-import http.server, os, socket
-count = 0
+import http.server, os, socket, sys
+# Healthy until the test creates `unhealthy` beside this script (a count of answers would
+# race with readiness probes that gave up on a slow start).
+marker = os.path.join(os.path.dirname(sys.argv[0]), "unhealthy")
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        global count
-        code = 200
-        if self.path == "/healthz":
-            count += 1
-            code = 200 if count <= 2 else 500
+        code = 500 if self.path == "/healthz" and os.path.exists(marker) else 200
         body = "hello from pid {} port {}".format(os.getpid(), os.environ["SWITCHEROO_PORT"]).encode()
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
@@ -347,6 +345,7 @@ fn a_probation_hands_the_port_back_when_a_release_dies_fails_or_is_rolled_back()
 
     // v3 fails /healthz 3 times in a row: the same, by itself.
     start(&m, "v3");
+    m.write("/srv/web/v3/bin/unhealthy", "");
     let bad = Instant::now();
     let restored_health = until_served_by(&m, v1, bad);
     failed_with(&m, "web@v3", "4");
