@@ -12,6 +12,7 @@ pub fn version(answer: &str) -> Option<usize> {
 
 /// One UDP client's record: for each datagram (numbered), the version that answered and
 /// when, and how many times it had to be sent again.
+#[derive(Default)]
 pub struct FlowLog {
     pub answers: Vec<(Instant, usize)>,
     /// Datagrams that had to be sent more than once (their first copy or its answer was
@@ -52,21 +53,22 @@ pub fn ask(socket: &UdpSocket, payload: &str, resent: &mut usize) -> Option<Stri
     None
 }
 
-/// A client on one long-lived flow (one connected socket: one 4-tuple), a datagram every
-/// 3 ms, each waiting for its answer.
-pub fn long_lived_flow(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
-    let any: SocketAddr = if target.is_ipv4() {
+/// The unspecified address of `target`'s family, any port: what a client binds.
+fn unspecified(target: &SocketAddr) -> SocketAddr {
+    if target.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
         "[::]:0".parse().unwrap()
-    };
+    }
+}
+
+/// A client on one long-lived flow (one connected socket: one 4-tuple), a datagram every
+/// 3 ms, each waiting for its answer.
+pub fn long_lived_flow(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
+    let any = unspecified(&target);
     let socket = UdpSocket::bind(any).unwrap();
     socket.connect(target).unwrap();
-    let mut log = FlowLog {
-        answers: Vec::new(),
-        resent: 0,
-        lost: Vec::new(),
-    };
+    let mut log = FlowLog::default();
     let mut seq = 0;
     while !stop.load(Ordering::SeqCst) {
         let payload = format!("flow{id} {seq}");
@@ -82,16 +84,8 @@ pub fn long_lived_flow(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> 
 
 /// A client whose every datagram is a new flow (a new socket each time), as DNS clients do.
 pub fn new_flows(target: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> FlowLog {
-    let any: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
-    } else {
-        "[::]:0".parse().unwrap()
-    };
-    let mut log = FlowLog {
-        answers: Vec::new(),
-        resent: 0,
-        lost: Vec::new(),
-    };
+    let any = unspecified(&target);
+    let mut log = FlowLog::default();
     let mut seq = 0;
     while !stop.load(Ordering::SeqCst) {
         let socket = UdpSocket::bind(any).unwrap();
