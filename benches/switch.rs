@@ -81,8 +81,11 @@ fn set_foreign_rules(chain: &str, n: usize) {
 const SPACING: Duration = Duration::from_millis(40);
 
 /// Our commit as a deploy makes it: a new instance (its own `Switcheroo`, so its own
-/// netlink socket and nothing remembered from an earlier commit) begins and commits
-/// against the current chains, `n` times, `spacing` apart. Only the commit is timed.
+/// netlink socket and nothing remembered from an earlier commit) begins (which reads the
+/// chains to choose its port) and commits against the current chains, `n` times,
+/// `spacing` apart. Only the commit is timed: nothing changes the ruleset between the two,
+/// so the commit's read is a generation query, as in a deploy where nobody else wrote
+/// meanwhile.
 fn ours(make: &dyn Fn() -> Switcheroo, n: usize, spacing: Duration) -> Vec<Duration> {
     let mut keep: Vec<TcpListener> = Vec::new();
     (0..n)

@@ -173,9 +173,13 @@ impl Registry {
     }
 
     /// Every switcheroo rule of the nat chains (of every namespace), chain by chain, top
-    /// down, with roles and liveness. Four filtered dumps.
+    /// down, with roles and liveness: the generation, then four filtered dumps, unless the
+    /// generation is still the one the socket's last read or transaction left (see
+    /// [`transact::read_remembering`]).
     pub fn read(&self) -> Result<Vec<Rule>> {
-        self.with_conn(|conn| Ok(transact::read(conn, self.max_attempts)?.rules))
+        self.with_link(|conn, _, memory| {
+            Ok(transact::read_remembering(conn, self.max_attempts, memory)?.rules)
+        })
     }
 
     /// This namespace's rules.

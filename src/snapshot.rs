@@ -74,9 +74,11 @@ impl Needs {
 /// Dumps every (family, chain), each filtered to its chain in the kernel, and keeps the
 /// switcheroo rules. Chains that [`Needs::chains`] names and that dump empty are looked up
 /// to learn whether they exist. With `since`, the record of the namespace's last commit is
-/// used instead of the dumps when it still holds (see [`crate::record`]).
+/// used instead of the dumps when it still holds (see [`crate::record`]); with `memory`,
+/// what this socket's last read or transaction left, when the generation is still the one
+/// it names (tried before the record: it needs no round trip beyond the generation).
 ///
-/// The generation is read first only when `needs` asks for it, or when a chain turns out
+/// The generation is read first only when `needs` asks for it or there is a `memory`, or when a chain turns out
 /// to be missing (a batch that creates chains is bound to the generation of its read): the
 /// read is then made again after it, so that the generation is not newer than the rules.
 ///
@@ -87,19 +89,20 @@ pub(crate) fn read(
     since: Option<Since<'_>>,
     memory: Option<&Remembered>,
 ) -> Result<Snapshot, Error> {
-    if let Some(since) = since {
-        if let Some(snap) = from_record(conn, since, &needs)? {
-            return Ok(snap);
-        }
-        needs.generation = true;
-    }
+    // What this socket remembers costs no round trip beyond the generation: tried first.
     let mut known = None;
-    if needs.generation {
+    if needs.generation || memory.is_some() {
         let generation = conn.generation()?;
         if let Some(snap) = memory.and_then(|m| from_memory(m, generation, &needs)) {
             return Ok(snap);
         }
         known = Some(generation);
+    }
+    if let Some(since) = since {
+        if let Some(snap) = from_record(conn, since, &needs, known)? {
+            return Ok(snap);
+        }
+        needs.generation = true;
     }
     loop {
         let generation = match known.take() {
@@ -177,6 +180,7 @@ fn from_record(
     conn: &mut Conn,
     Since { records, key, own }: Since<'_>,
     needs: &Needs,
+    known: Option<u32>,
 ) -> Result<Option<Snapshot>, Error> {
     let Some(record) = records.load(key) else {
         return Ok(None);
@@ -194,7 +198,10 @@ fn from_record(
     if !covered {
         return Ok(None);
     }
-    let generation = conn.generation()?;
+    let generation = match known {
+        Some(generation) => generation,
+        None => conn.generation()?,
+    };
     if generation != record.generation.wrapping_add(own) {
         debug!(
             "namespace {namespace}: the ruleset changed since the last commit (generation {} and {own} of ours -> {generation}); dumping",

@@ -55,6 +55,35 @@ fn the_library_refuses_a_port_another_namespace_serves_and_moves_it_when_asked()
     drop(listener);
 }
 
+/// `begin` reads the chains and the commit may reuse that read when nothing changed the
+/// ruleset since; here another namespace takes the port in between, and the commit must
+/// see it.
+#[test]
+fn a_port_taken_between_begin_and_commit_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let (refused, a, before) = ns.enter(|| {
+        let sw = Switcheroo::builder("beta", 8095).build().unwrap();
+        let (_listener, takeover) = sw.begin().unwrap();
+        let a = ns.hello(&["--namespace", "alpha", "--port", "8095"]);
+        let before = ns.rule_lines();
+        (takeover.commit().unwrap_err(), a, before)
+    });
+    match &refused {
+        Error::PortHeld { namespace, pid, .. } => {
+            assert_eq!((namespace.as_str(), *pid), ("alpha", a.pid))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ns.rule_lines(), before, "a refused deploy changes nothing");
+    let (status, body) = ns
+        .enter(|| get("127.0.0.1:8095".parse().unwrap(), "/"))
+        .unwrap();
+    assert_eq!((status, lab::pid_of(&body)), (200, a.pid));
+}
+
 #[test]
 fn run_and_check_refuse_a_port_another_namespace_serves_until_it_is_moved() {
     if !require_root() {
