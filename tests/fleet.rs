@@ -461,7 +461,8 @@ fn ansible_rolls_releases_across_hosts_behind_haproxy_without_a_failed_request()
         totals.ok, totals.failed
     );
     assert_eq!(totals.failed, 0, "{:?}", totals.samples);
-    assert_eq!(fleet.hosts[0].property("web@v5", "ActiveState"), "failed");
+    let state = fleet.hosts[0].wait_state("web@v5", "failed", Duration::from_secs(15));
+    assert_eq!(state, "failed");
     for (i, m) in fleet.hosts.iter().enumerate().skip(1) {
         assert_eq!(
             m.property("web@v5", "ActiveState"),
@@ -494,11 +495,21 @@ fn ansible_rolls_releases_across_hosts_behind_haproxy_without_a_failed_request()
     );
     assert_eq!(totals.failed, 0, "{:?}", totals.samples);
     fleet.assert_all_serve("v3");
+    // The replaced release leaves by itself once its last connection (HAProxy's included)
+    // has ended: `deactivating` while it drains, then `failed` with status 4.
+    let t = Instant::now();
     for m in &fleet.hosts {
-        assert_eq!(m.property("web@v4", "ActiveState"), "failed");
+        assert_eq!(
+            m.wait_state("web@v4", "failed", Duration::from_secs(60)),
+            "failed"
+        );
         assert_eq!(m.property("web@v4", "ExecMainStatus"), "4");
         assert_eq!(m.property("web@v3", "UnitFileState"), "enabled");
         assert_eq!(m.property("web@v4", "UnitFileState"), "disabled");
     }
+    eprintln!(
+        "the rolled-back releases had all exited {:?} after the play",
+        t.elapsed()
+    );
     assert_eq!(fleet.check_downs(), downs, "{:?}", fleet.stats());
 }

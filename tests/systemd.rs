@@ -169,11 +169,8 @@ fn deploys_by_systemctl_start_under_load_and_what_systemd_shows() {
         // probation): it left by itself, a clean stop.
         if i >= 1 {
             let old = format!("web@{}", ["v1", "v2", "v3"][i - 1]);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while m.property(&old, "ActiveState") != "inactive" && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            assert_eq!(m.property(&old, "ActiveState"), "inactive", "{old}");
+            let state = m.wait_state(&old, "inactive", Duration::from_secs(10));
+            assert_eq!(state, "inactive", "{old}");
             assert_eq!(m.property(&old, "SubState"), "dead", "{old}");
             assert_eq!(m.property(&old, "Result"), "success", "{old}");
             assert_eq!(m.property(&old, "ExecMainStatus"), "0", "{old}");
@@ -276,12 +273,8 @@ server.serve_forever()
 
 /// Waits until `unit` has ended as failed with `status`, and checks it was not restarted.
 fn failed_with(m: &Machine, unit: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while m.property(unit, "ActiveState") != "failed" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert_eq!(
-        m.property(unit, "ActiveState"),
+        m.wait_state(unit, "failed", Duration::from_secs(15)),
         "failed",
         "{unit}: {}",
         journal(m, unit)
@@ -405,10 +398,7 @@ fn a_release_stopped_while_starting_switches_nothing_and_an_enabled_one_starts_a
 
     // Still waiting for /healthz: systemctl stop returns at once, nothing switched.
     m.ok(&["systemctl", "start", "--no-block", "web@slow"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.property("web@slow", "ActiveState") != "activating" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    m.wait_state("web@slow", "activating", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
     m.ok(&["systemctl", "stop", "web@slow"]);
@@ -432,12 +422,8 @@ fn a_release_stopped_while_starting_switches_nothing_and_an_enabled_one_starts_a
         ..Boot::default()
     });
     // The releases are where the machine keeps them (/srv, with its writable layers).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while m.property("web@v1", "ActiveState") != "active" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert_eq!(
-        m.property("web@v1", "ActiveState"),
+        m.wait_state("web@v1", "active", Duration::from_secs(15)),
         "active",
         "{}",
         journal(&m, "web@v1")

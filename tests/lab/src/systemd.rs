@@ -212,6 +212,19 @@ impl Machine {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Waits up to `timeout` for `unit`'s ActiveState to be `state` (a unit that is
+    /// draining passes through `deactivating` first); the state it ended in.
+    pub fn wait_state(&self, unit: &str, state: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.property(unit, "ActiveState");
+            if now == state || Instant::now() >= deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The machine's file `path` (absolute inside it), as the host reaches it.
     pub fn path(&self, path: &str) -> PathBuf {
         PathBuf::from(format!("/proc/{}/root{path}", self.pid1))
