@@ -107,7 +107,6 @@ fn firewall_shape(file: &str, chain: &str, fix_starts: &str) {
         let mut plan = lab::load::Plan::new(public.parse().unwrap());
         plan.close_clients = 2;
         plan.keepalive_clients = 1;
-        plan.timeout = Duration::from_secs(3);
         lab::load::Load::start(&plan)
     });
     let mut old = Vec::new();

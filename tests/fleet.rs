@@ -132,7 +132,8 @@ impl Fleet {
         let mut text = format!(
             "global\n    maxconn 4000\n    stats socket {sock} mode 600 level admin\n\
              defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    \
-             timeout server 30s\n    # A host that refuses or resets is a failed request, \
+             timeout server 30s\n    # A check's answer may take a loaded host 2 s; \
+             a refused or reset one fails at once.\n    timeout check 2s\n    # A host that refuses or resets is a failed request, \
              not a retry elsewhere.\n    retries 0\n\
              frontend web\n    bind {LB}:80\n    default_backend hosts\n\
              backend hosts\n    option httpchk GET /healthz\n    \

@@ -110,8 +110,12 @@ fn run_reports_its_drain_in_the_log_and_to_the_service_manager() {
     let slow = slow_request(&ns, 12_000);
     std::thread::sleep(Duration::from_millis(300));
     let _new = run_with_env(&ns, &[], &args);
-    // Within a few seconds of the drain, the old run says what its server still holds.
-    old.line_containing("still serves 1 tcp on port 8080/tcp");
+    // Within a few seconds of the drain (a report every 5 s), the old run says what its
+    // server still holds.
+    old.line_within(
+        "still serves 1 tcp on port 8080/tcp",
+        Duration::from_secs(20),
+    );
     let mut said = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 4096];

@@ -142,8 +142,10 @@ fn udp_flows_stay_with_their_instance_until_it_retires_and_every_datagram_is_ans
             old.push(std::mem::replace(&mut current, start(v)));
             ready.push(Instant::now());
         }
-        // Long enough for the last old instance to retire and its flows to move on.
-        std::thread::sleep(Duration::from_millis(2500));
+        // The last replaced instance forgets its flows after --drain-max and exits; the
+        // flows then move on to the current one.
+        old.last_mut().unwrap().wait_exit(Duration::from_secs(15));
+        std::thread::sleep(Duration::from_millis(500));
         let (flows, fresh) = load.stop();
         (flows, fresh, ready, old)
     });

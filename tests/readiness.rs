@@ -139,7 +139,7 @@ fn the_timeout_quotes_the_last_probe() {
             "--ready",
             "http:/healthz",
             "--ready-timeout",
-            "2s",
+            "5s",
             "--",
             "python3",
             script.as_str(),
@@ -149,7 +149,7 @@ fn the_timeout_quotes_the_last_probe() {
     assert_eq!(status.code(), Some(3), "{out}");
     assert!(
         out.contains(
-            "was not ready after 2s; the last probe: GET /healthz answered 400 Bad Request"
+            "was not ready after 5s; the last probe: GET /healthz answered 400 Bad Request"
         ),
         "{out}"
     );

@@ -81,11 +81,12 @@ fn eight_concurrent_deploys_leave_one_rule_set_and_one_instance() {
         let handles: Vec<_> = (0..8).map(|_| s.spawn(|| ns.hello(&[]))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    // Every racer but the last to commit is told to leave; give them time to drain.
+    // Every racer but the last to commit, and the first instance, are told to leave; give
+    // them time to drain.
     let deadline = Instant::now() + Duration::from_secs(20);
     let survivors = loop {
         let s: Vec<u32> = racers.iter().map(|h| h.pid).filter(|p| alive(*p)).collect();
-        if s.len() <= 1 || Instant::now() > deadline {
+        if (s.len() <= 1 && !alive(first.pid)) || Instant::now() > deadline {
             break s;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -765,25 +766,33 @@ fn two_privileged_deployers_take_turns_on_the_lock() {
     let before = ns.rule_lines();
     // Another privileged deployer holds the namespace's lock: its socket owns the table.
     let lock = ns.hold_lock("hello");
-    std::thread::scope(|s| {
-        let second = s.spawn(|| ns.hello(&[]));
-        std::thread::sleep(Duration::from_millis(800));
-        assert_eq!(
-            ns.rule_lines(),
-            before,
-            "nothing switched while the lock was held"
-        );
-        assert!(alive(first.pid));
-        drop(lock);
-        let mut second = second.join().unwrap();
-        let (wait, _) = switch_figures(&mut second);
-        assert!(wait > 0, "the second deployer waited for the first");
-        let rules = ours(&ns);
-        assert_eq!(rules.len(), 4, "{rules:?}");
-        assert!(rules
-            .iter()
-            .all(|l| l.contains(&format!("pid={}:", second.pid))));
+    // The second deployer has begun (its "bound" line comes right before its commit) and
+    // is then waiting for the lock.
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(lab::example("hello"))
+        .args(["--hold-ms", "0"]);
+    let mut second = lab::Hello::start_with(cmd, "bound line", |line| {
+        let port = line.strip_prefix("bound port=")?.split(';').next()?;
+        Some((0, port.parse().ok()?))
     });
+    // `ip netns exec` execs hello: the child is hello.
+    second.pid = second.child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ns.rule_lines(),
+        before,
+        "nothing switched while the lock was held"
+    );
+    assert!(alive(first.pid));
+    drop(lock);
+    let (wait, _) = switch_figures(&mut second);
+    assert!(wait > 0, "the second deployer waited for the first");
+    let rules = ours(&ns);
+    assert_eq!(rules.len(), 4, "{rules:?}");
+    assert!(rules
+        .iter()
+        .all(|l| l.contains(&format!("pid={}:", second.pid))));
 }
 
 /// `(generation, [(family, chain, handle)])` of a record file.

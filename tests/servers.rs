@@ -292,7 +292,7 @@ fn http2_across_deploys(name: &str, options: &[&str], server: &[&str]) -> H2Coun
     let client = Command::new("ip")
         .args(["netns", "exec", &ns.name, "python3"])
         .arg(format!("{}/h2client.py", dir()))
-        .args(["127.0.0.1", "8443", "4"])
+        .args(["127.0.0.1", "8443", "6"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

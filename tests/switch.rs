@@ -66,13 +66,16 @@ fn slow_request_in_flight_finishes_on_the_old_instance() {
     }
     let ns = Netns::new();
     let mut first = ns.hello(&[]);
+    // The connection is made to the first instance, and the request is on its way, when
+    // the second one commits.
+    let mut conn = ns
+        .enter(|| lab::KeepAlive::connect(addr("127.0.0.1:8080")))
+        .expect("connect");
     let (slow, second, first_alive_after_commit) = std::thread::scope(|s| {
-        let slow = s.spawn(|| {
+        let slow = s.spawn(move || {
             let started = Instant::now();
-            let response = ns.enter(|| get(addr("127.0.0.1:8080"), "/sleep?ms=1500"));
-            (response, started.elapsed())
+            (conn.get("/sleep?ms=1500"), started.elapsed())
         });
-        // The request is on its way to the first instance when the second one commits.
         std::thread::sleep(Duration::from_millis(300));
         let second = ns.hello(&[]);
         let first_alive = first.child.try_wait().expect("try_wait").is_none();
@@ -82,7 +85,8 @@ fn slow_request_in_flight_finishes_on_the_old_instance() {
         first_alive_after_commit,
         "the old instance was still running when the new one had committed"
     );
-    let ((status, body), took) = (slow.0.expect("the slow request is answered"), slow.1);
+    let (response, took) = (slow.0.expect("the slow request is answered"), slow.1);
+    let (status, body) = (response.status, response.body);
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         pid_of(&body),

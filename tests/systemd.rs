@@ -112,9 +112,12 @@ impl Probe {
                     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
                     let (mut ok, mut failed) = (0u64, Vec::new());
                     while !stop.load(Ordering::Relaxed) {
+                        // A failure counts at the request's start: one sent before a
+                        // repair may end, and be seen, after it.
+                        let sent = Instant::now();
                         match get(target, "/") {
                             Ok((200, _)) => ok += 1,
-                            _ => failed.push(Instant::now()),
+                            _ => failed.push(sent),
                         }
                         std::thread::sleep(Duration::from_millis(1));
                     }
@@ -125,7 +128,7 @@ impl Probe {
         Probe { stop, threads }
     }
 
-    /// (answered, times of the failures).
+    /// (answered, when each failed request was sent).
     fn stop(self) -> (u64, Vec<Instant>) {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = (0, Vec::new());
@@ -137,10 +140,6 @@ impl Probe {
         all.1.sort();
         all
     }
-}
-
-fn journal(m: &Machine, unit: &str) -> String {
-    m.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
 }
 
 #[test]
@@ -192,9 +191,14 @@ fn deploys_by_systemctl_start_under_load_and_what_systemd_shows() {
         status.starts_with("serving (active); port 8080/tcp"),
         "{status}"
     );
-    let standby = m.property("web@v3", "StatusText");
+    let standby = m.wait_property(
+        "web@v3",
+        "StatusText",
+        |s| s.starts_with("standby"),
+        Duration::from_secs(10),
+    );
     assert!(standby.starts_with("standby"), "{standby}");
-    let v2 = journal(&m, "web@v2");
+    let v2 = m.journal_with("web@v2", "exited with status 0", Duration::from_secs(10));
     assert!(v2.contains("is ready: port 8080/tcp ->"), "{v2}");
     assert!(v2.contains("port 8080/tcp drained in"), "{v2}");
     assert!(v2.contains("exited with status 0"), "{v2}");
@@ -277,7 +281,7 @@ fn failed_with(m: &Machine, unit: &str, status: &str) {
         m.wait_state(unit, "failed", Duration::from_secs(15)),
         "failed",
         "{unit}: {}",
-        journal(m, unit)
+        m.journal(unit)
     );
     assert_eq!(m.property(unit, "ExecMainStatus"), status, "{unit}");
     std::thread::sleep(Duration::from_millis(300));
@@ -406,7 +410,11 @@ fn a_release_stopped_while_starting_switches_nothing_and_an_enabled_one_starts_a
     eprintln!("systemctl stop of a release still starting took {stop:?}");
     assert!(stop < Duration::from_secs(5), "{stop:?}");
     assert_eq!(m.netns.rule_lines(), before, "nothing was switched");
-    let j = journal(&m, "web@slow");
+    let j = m.journal_with(
+        "web@slow",
+        "told to stop (SIGTERM) before the switch",
+        Duration::from_secs(10),
+    );
     assert!(
         j.contains("told to stop (SIGTERM) before the switch"),
         "{j}"
@@ -426,7 +434,7 @@ fn a_release_stopped_while_starting_switches_nothing_and_an_enabled_one_starts_a
         m.wait_state("web@v1", "active", Duration::from_secs(15)),
         "active",
         "{}",
-        journal(&m, "web@v1")
+        m.journal("web@v1")
     );
     assert_eq!(serving(&m), server_of(&m, "v1"));
     let us = |args: &[&str]| -> u64 {

@@ -57,7 +57,9 @@ fn a_child_the_server_forked_finishes_its_connection_before_run_exits() {
         return;
     }
     let ns = Netns::new();
-    let args = forking_server(3);
+    // The child answers after 8 s: long enough to outlast the new run's start, the drain
+    // and the checks below on a loaded machine.
+    let args = forking_server(8);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut old = run(&ns, &args);
     let answer = client(&ns);
@@ -81,7 +83,7 @@ fn a_child_the_server_forked_finishes_its_connection_before_run_exits() {
         "the connection was served to its end"
     );
     let status = old
-        .wait_exit(Duration::from_secs(10))
+        .wait_exit(Duration::from_secs(15))
         .expect("run exits after the child");
     eprintln!("the old run ended with {status}: {:?}", old.log);
     assert!(status.code().is_some(), "{status}");

@@ -138,6 +138,22 @@ impl Dockerd {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Waits up to `timeout` until no container, running or not, is named `name` (a
+    /// `--rm` container is removed some time after it exits); whether it is gone.
+    pub fn wait_gone(&self, name: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let filter = format!("name=^{name}$");
+        loop {
+            if self.ok(&["ps", "-aq", "--filter", &filter]).is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The ids of the containers, running or not.
     pub fn containers(&self) -> Vec<String> {
         self.ok(&["ps", "-aq", "--no-trunc"])

@@ -157,21 +157,37 @@ impl Hello {
     /// Waits up to 10 s for a line of output that starts with `prefix` and returns it
     /// (stdout and stderr are read by separate threads, so order across them is loose).
     pub fn line(&mut self, prefix: &str) -> String {
-        self.line_where(&format!("starting with {prefix:?}"), |l| {
-            l.starts_with(prefix)
-        })
+        self.line_where(
+            &format!("starting with {prefix:?}"),
+            |l| l.starts_with(prefix),
+            Duration::from_secs(10),
+        )
     }
 
     /// Waits up to 10 s for a line that contains `text` and returns it.
     pub fn line_containing(&mut self, text: &str) -> String {
-        self.line_where(&format!("containing {text:?}"), |l| l.contains(text))
+        self.line_within(text, Duration::from_secs(10))
     }
 
-    fn line_where(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+    /// Waits up to `timeout` for a line that contains `text` and returns it.
+    pub fn line_within(&mut self, text: &str, timeout: Duration) -> String {
+        self.line_where(
+            &format!("containing {text:?}"),
+            |l| l.contains(text),
+            timeout,
+        )
+    }
+
+    fn line_where(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> String {
         if let Some(l) = self.log.iter().find(|l| wanted(l)) {
             return l.clone();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + timeout;
         while let Ok(l) = self
             .lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))

@@ -79,6 +79,21 @@ pub fn run(early: usize, total: usize) -> Soak {
         v.push(usage("self"));
         v
     };
+    // The watchers read what is pending at their own pace: a snapshot counts once the
+    // open descriptors stay the same for 300 ms (or after 3 s).
+    let settled = || {
+        let mut last = snapshot();
+        for _ in 0..10 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = snapshot();
+            let same = now.iter().zip(&last).all(|(a, b)| a.fds == b.fds);
+            last = now;
+            if same {
+                break;
+            }
+        }
+        last
+    };
     let (at_early, at_total) = ns.enter(|| {
         let sw = Switcheroo::builder("others", 9090)
             .port_range(42000..=42099)
@@ -90,13 +105,10 @@ pub fn run(early: usize, total: usize) -> Soak {
             takeover.commit().expect("commit");
             drop(listener);
             if i == early {
-                // Let the watchers read what is pending first.
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                at_early = snapshot();
+                at_early = settled();
             }
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        let at_total = snapshot();
+        let at_total = settled();
         sw.cleanup().unwrap();
         (at_early, at_total)
     });

@@ -215,13 +215,43 @@ impl Machine {
     /// Waits up to `timeout` for `unit`'s ActiveState to be `state` (a unit that is
     /// draining passes through `deactivating` first); the state it ended in.
     pub fn wait_state(&self, unit: &str, state: &str, timeout: Duration) -> String {
+        self.wait_property(unit, "ActiveState", |now| now == state, timeout)
+    }
+
+    /// Waits up to `timeout` for property `name` of `unit` to satisfy `want`; its last
+    /// value.
+    pub fn wait_property(
+        &self,
+        unit: &str,
+        name: &str,
+        want: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let now = self.property(unit, "ActiveState");
-            if now == state || Instant::now() >= deadline {
+            let now = self.property(unit, name);
+            if want(&now) || Instant::now() >= deadline {
                 return now;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `unit`'s journal, messages only.
+    pub fn journal(&self, unit: &str) -> String {
+        self.ok(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
+    }
+
+    /// `unit`'s journal once it holds `text`, or after `timeout`: journald stores a
+    /// process's last lines on its own schedule, after the unit may have ended.
+    pub fn journal_with(&self, unit: &str, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let journal = self.journal(unit);
+            if journal.contains(text) || Instant::now() >= deadline {
+                return journal;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
