@@ -56,9 +56,11 @@ impl<'a> Source<'a> {
 
 /// Waits (`poll(2)`) until one of `sources` is ready or `deadline` passes (never, with
 /// `None`), and returns the tokens of the ready ones in the order of `sources`: empty when
-/// the deadline passed first. An error or hang-up on a source counts as ready (the read or
-/// write that follows reports it). A signal that interrupts the wait (EINTR) restarts it
-/// with the time that is left.
+/// the deadline passed first. A deadline that has passed already still gets one look
+/// without waiting, so what is ready is reported even to a caller whose work on the clock
+/// outlasts its period (else that caller would never see its sources again). An error or
+/// hang-up on a source counts as ready (the read or write that follows reports it). A
+/// signal that interrupts the wait (EINTR) restarts it with the time that is left.
 pub fn wait(sources: &[Source<'_>], deadline: Option<Instant>) -> io::Result<Vec<Token>> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     loop {
@@ -66,10 +68,7 @@ pub fn wait(sources: &[Source<'_>], deadline: Option<Instant>) -> io::Result<Vec
             None => PollTimeout::NONE,
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(Vec::new());
-                }
-                // Rounded up, so that a wake-up is never early.
+                // Rounded up, so that a wake-up is never early; zero once it passed.
                 let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
@@ -85,7 +84,8 @@ pub fn wait(sources: &[Source<'_>], deadline: Option<Instant>) -> io::Result<Vec
             })
             .collect();
         match poll(&mut fds, timeout) {
-            Ok(0) => continue, // the deadline check above decides
+            Ok(0) if deadline.is_some_and(|d| Instant::now() >= d) => return Ok(Vec::new()),
+            Ok(0) => continue,
             Ok(_) => {
                 return Ok(sources
                     .iter()
@@ -131,5 +131,15 @@ mod tests {
         assert_eq!(wait(&writable, None).unwrap(), [Token(1)]);
         assert!(readable_now(b.as_fd()));
         assert!(!readable_now(c.as_fd()));
+    }
+
+    #[test]
+    fn a_deadline_that_has_passed_still_reports_what_is_ready() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let sources = [Source::readable(Token(3), b.as_fd())];
+        let passed = Some(Instant::now() - Duration::from_millis(50));
+        assert_eq!(wait(&sources, passed).unwrap(), []);
+        a.write_all(b"x").unwrap();
+        assert_eq!(wait(&sources, passed).unwrap(), [Token(3)]);
     }
 }

@@ -41,7 +41,8 @@ const NOTIFY_HINT_AFTER: Duration = Duration::from_secs(5);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a stopping instance forgets the connections its server reset (see
 /// [`Switcheroo::forget_closed`]): a client that reuses such a connection's port within
-/// 10 s would otherwise be sent to the closed port.
+/// 10 s would otherwise be sent to the closed port. At least this far apart; further
+/// after a slow sweep (a conntrack dump walks the whole table: see [`Chores::swept`]).
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// Signals that end the service gracefully: drained, then the stop signal.
@@ -244,6 +245,13 @@ impl Chores {
             due.sweep = true;
         }
         due
+    }
+
+    /// A sweep ended at `now` after `took`: the next one comes [`SWEEP_EVERY`] later, or
+    /// four times what this one took if that is longer, so that dumping a large conntrack
+    /// table costs a stopping `run` at most a fifth of its time.
+    fn swept(&mut self, now: Instant, took: Duration) {
+        self.sweep_at = now + SWEEP_EVERY.max(took * 4);
     }
 }
 
@@ -523,6 +531,10 @@ impl Run {
                     }
                     _ => {}
                 }
+            }
+            // A source that is ready again and again must not starve the clock either.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.pending.push_back(Event::Timer);
             }
         }
     }
@@ -1061,22 +1073,26 @@ impl Run {
                 State::Stopping(s)
             }
             Event::Timer => {
-                let due = s.chores.due(Instant::now());
                 let who = format!("{} (pid {})", self.server.name, self.server.pid);
-                self.do_chores(due, "after its stop signal", &who);
+                self.do_chores(&mut s.chores, "after its stop signal", &who);
                 State::Stopping(s)
             }
             Event::Reaped | Event::Notified | Event::Probe | Event::Tenure => State::Stopping(s),
         }
     }
 
-    /// The chores that were due, for the server (`who`).
-    fn do_chores(&self, due: Due, when: &str, who: &str) {
+    /// The chores that are due, for the server (`who`).
+    fn do_chores(&self, chores: &mut Chores, when: &str, who: &str) {
+        let due = chores.due(Instant::now());
         if due.kill {
             self.kill_tree(when);
         }
         if due.sweep {
+            let started = Instant::now();
             self.sweep();
+            let took = started.elapsed();
+            debug!("the sweep took {took:?}");
+            chores.swept(Instant::now(), took);
         }
         if due.report {
             self.report_progress(who);
@@ -1134,7 +1150,6 @@ impl Run {
                 if !reaped.children_left && tree::descendants(std::process::id()).is_empty() {
                     return self.finish(r.status, r.ending);
                 }
-                let due = r.chores.due(Instant::now());
                 let left = tree::descendants(std::process::id());
                 let who = format!(
                     "the {} process{} {} left ({})",
@@ -1146,7 +1161,7 @@ impl Run {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                self.do_chores(due, "after the stop signal", &who);
+                self.do_chores(&mut r.chores, "after the stop signal", &who);
                 State::Reaping(r)
             }
             Event::Signal(_)
@@ -1441,6 +1456,25 @@ mod tests {
             chores.due(now);
             assert!(chores.next() > now, "step {step}");
         }
+    }
+
+    #[test]
+    fn a_slow_sweep_pushes_the_next_one_back() {
+        let t0 = Instant::now();
+        let mut chores = Chores::new(None, t0);
+        let at = chores.next();
+        assert!(chores.due(at).sweep);
+        // A quick sweep: the next one SWEEP_EVERY after it ended.
+        let ended = at + Duration::from_millis(5);
+        chores.swept(ended, Duration::from_millis(5));
+        assert_eq!(chores.next(), ended + SWEEP_EVERY);
+        // A sweep of 300 ms (a large conntrack table): the next one 1.2 s after it ended,
+        // not at once again.
+        let at = chores.next();
+        assert!(chores.due(at).sweep);
+        let ended = at + Duration::from_millis(300);
+        chores.swept(ended, Duration::from_millis(300));
+        assert_eq!(chores.next(), ended + Duration::from_millis(1200));
     }
 
     #[test]
