@@ -324,7 +324,7 @@ fn a_killed_standby_leaves_dead_rules_that_the_next_transaction_removes() {
     // A, then B on probation (A the standby), then a 10% canary C above B.
     let a = ns.hello(&[]);
     let b = ns.hello(&["--probation", "60s"]);
-    let c = ns.hello(&["--canary", "10"]);
+    let mut c = ns.hello(&["--canary", "10"]);
     assert_eq!(
         roles(&rules(&ns, "hello"))[..3],
         [
@@ -355,6 +355,9 @@ fn a_killed_standby_leaves_dead_rules_that_the_next_transaction_removes() {
         roles(&rules(&ns, "hello")),
         vec![(b.pid, "active".to_owned()); 4]
     );
+    // The rolled-back canary leaves (SIGTERM); as it leaves, its own transaction would
+    // remove the rules of a dead owner too, as every transaction does.
+    c.expect_clean_exit("the rolled-back canary");
     // D on probation over B, B killed as the standby: the next deploy removes its rules.
     let d = ns.hello(&["--probation", "60s"]);
     kill9(b.pid);

@@ -435,7 +435,7 @@ fn a_crash_before_commit_leaves_nothing_and_after_commit_is_replaced() {
         return;
     }
     let ns = Netns::new();
-    let first = ns.hello(&[]);
+    let mut first = ns.hello(&[]);
     let before = ns.rule_lines();
 
     // Killed between begin and commit: the ruleset is as it was.
@@ -454,8 +454,11 @@ fn a_crash_before_commit_leaves_nothing_and_after_commit_is_replaced() {
     assert_eq!(ns.rule_lines(), before);
     assert!(alive(first.pid));
 
-    // Killed after its commit: its rules stay, reported dead, and the next deploy replaces them.
+    // Killed after its commit: its rules stay, reported dead, and the next deploy replaces
+    // them. (The first instance has left by then: as it leaves, its own transaction
+    // would remove the rules of a dead owner too, as every transaction does.)
     let mut second = ns.hello(&[]);
+    first.expect_clean_exit("the first instance, replaced by the second");
     second.child.kill().unwrap();
     second.child.wait().unwrap();
     let rules = ns.enter(|| {
