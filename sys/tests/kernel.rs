@@ -4,6 +4,7 @@
 //! CI (`CI=true`), where it fails.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 use switcheroo_sys::{Batch, Chain, Conn, Error, Family, Op, OwnedTable, Protocol, Redirect};
 
 fn privileged() -> bool {
@@ -75,9 +76,20 @@ fn an_owned_table_is_held_by_one_socket_survives_a_flush_and_goes_with_its_socke
         nft(path, &["flush", "ruleset"]);
         assert!(b.apply(&lock("switcheroo-lock-t")).unwrap_err().is_held());
         assert!(nft(path, &["list", "tables"]).contains("switcheroo-lock-t"));
-        // Closing the owner's socket (what a SIGKILL does) releases it.
+        // Closing the owner's socket (what a SIGKILL does) releases it. The release comes
+        // with the socket's last reference: a child another test thread is forking holds a
+        // copy of every descriptor until its exec, so give it a moment.
         drop(a);
-        b.apply(&lock("switcheroo-lock-t")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match b.apply(&lock("switcheroo-lock-t")) {
+                Ok(_) => break,
+                Err(e) if e.is_held() && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("the closed socket's table was not released: {e}"),
+            }
+        }
         let mut release = Batch::new(None);
         release.push(Op::DeleteOwnedTable(
             OwnedTable::new("switcheroo-lock-t").unwrap(),
