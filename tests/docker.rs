@@ -203,10 +203,7 @@ fn releases_joining_a_holder_deploy_through_the_published_port() {
     assert_eq!(totals.failed, 0, "{:?}", totals.samples);
     assert!(totals.ok > 500, "the load ran: {}", totals.ok);
     // The holder and the last release are all that is left.
-    let names = d.ok(&["ps", "-a", "--format", "{{.Names}}"]);
-    let mut names: Vec<&str> = names.lines().collect();
-    names.sort();
-    assert_eq!(names, ["web-net", "web-v6"]);
+    assert_eq!(d.names(), ["web-net", "web-v6"]);
     // The holder's `hold` stops on SIGTERM with status 0, ending the namespace.
     let t = Instant::now();
     d.ok(&["stop", "web-net"]);
@@ -357,10 +354,7 @@ fn a_killed_container_in_its_probation_hands_the_port_back() {
         totals.ok, totals.failed
     );
     // Nothing restarts the killed release: the holder and v1 are all that run.
-    let names = d.ok(&["ps", "-a", "--format", "{{.Names}}"]);
-    let mut names: Vec<&str> = names.lines().collect();
-    names.sort();
-    assert_eq!(names, ["web-net", "web-v1"]);
+    assert_eq!(d.names(), ["web-net", "web-v1"]);
     assert_eq!(answering(&client, addr), Some(v1));
     // Requests fail only at the instant of the kill: those v2 was serving. A new
     // connection sent once v1 served again never fails; a keep-alive client may find its

@@ -42,11 +42,16 @@ fn kill9(pid: u32) {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
-        assert!(Instant::now() < deadline, "pid {pid} survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let dead = lab::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(5),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.contains(") Z "))
+        },
+        |dead| *dead,
+    );
+    assert!(dead, "pid {pid} survived SIGKILL");
 }
 
 fn sigterm(pid: u32) {

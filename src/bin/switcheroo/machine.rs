@@ -1147,10 +1147,10 @@ impl Run {
             }
             Event::Reaped | Event::Timer => {
                 let reaped = tree::reap(self.server.pid);
-                if !reaped.children_left && tree::descendants(std::process::id()).is_empty() {
+                let left = tree::descendants(std::process::id());
+                if !reaped.children_left && left.is_empty() {
                     return self.finish(r.status, r.ending);
                 }
-                let left = tree::descendants(std::process::id());
                 let who = format!(
                     "the {} process{} {} left ({})",
                     left.len(),

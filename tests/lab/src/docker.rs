@@ -141,17 +141,13 @@ impl Dockerd {
     /// Waits up to `timeout` until no container, running or not, is named `name` (a
     /// `--rm` container is removed some time after it exits); whether it is gone.
     pub fn wait_gone(&self, name: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let filter = format!("name=^{name}$");
-        loop {
-            if self.ok(&["ps", "-aq", "--filter", &filter]).is_empty() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_until(
+            timeout,
+            Duration::from_millis(50),
+            || self.ok(&["ps", "-aq", "--filter", &filter]).is_empty(),
+            |gone| *gone,
+        )
     }
 
     /// The ids of the containers, running or not.
@@ -160,6 +156,17 @@ impl Dockerd {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// The names of the containers, running or not, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .ok(&["ps", "-a", "--format", "{{.Names}}"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
     }
 }
 

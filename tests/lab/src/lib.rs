@@ -26,6 +26,26 @@ pub use udp::{version, FlowLog, UdpLoad};
 
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Looks (`look`) every `every` until `done` holds for what it saw, or `timeout` has
+/// passed; what it saw last. For what happens in the background after an action (a unit
+/// settling, a container removed, a journal line stored): a test asserts on the result.
+pub fn wait_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut look: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = look();
+        if done(&seen) || Instant::now() >= deadline {
+            return seen;
+        }
+        std::thread::sleep(every);
+    }
+}
 
 /// Whether the privileged tests can run here: root, and allowed to create network
 /// namespaces (a root without CAP_SYS_ADMIN, e.g. in an unprivileged container, is not).

@@ -227,14 +227,12 @@ impl Machine {
         want: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let now = self.property(unit, name);
-            if want(&now) || Instant::now() >= deadline {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait_until(
+            timeout,
+            Duration::from_millis(50),
+            || self.property(unit, name),
+            |now| want(now),
+        )
     }
 
     /// `unit`'s journal, messages only.
@@ -245,14 +243,12 @@ impl Machine {
     /// `unit`'s journal once it holds `text`, or after `timeout`: journald stores a
     /// process's last lines on its own schedule, after the unit may have ended.
     pub fn journal_with(&self, unit: &str, text: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let journal = self.journal(unit);
-            if journal.contains(text) || Instant::now() >= deadline {
-                return journal;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_until(
+            timeout,
+            Duration::from_millis(100),
+            || self.journal(unit),
+            |journal| journal.contains(text),
+        )
     }
 
     /// The machine's file `path` (absolute inside it), as the host reaches it.
